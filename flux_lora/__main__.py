@@ -1,0 +1,3 @@
+from flux_lora.cli import main
+
+raise SystemExit(main())

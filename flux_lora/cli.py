@@ -1,0 +1,129 @@
+"""`flux-lora`: cog-like commands for people and tests (the pip package of cog has no CLI)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from flux_lora.settings import Settings
+
+log = logging.getLogger("flux_lora")
+
+
+def _cmd_make_tiny(args: argparse.Namespace) -> int:
+    from flux_lora.tiny import make_tiny_store
+
+    print(make_tiny_store(Path(args.dir)))
+    return 0
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from flux_lora.schema import schema_json
+
+    print(schema_json(args.predictor))
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from flux_lora.server import serve
+
+    return serve(args.predictor, host=args.host, port=args.port, upload_url=args.upload_url)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from flux_lora.local import InvalidInput, parse_inputs, run_local
+
+    try:
+        inputs = parse_inputs(args.input)
+        paths = run_local(args.predictor, inputs, Path(args.output))
+    except InvalidInput as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
+    return 0
+
+
+def _cmd_weights_fetch(args: argparse.Namespace) -> int:
+    from flux_lora.cache import WeightCache
+
+    print(WeightCache.from_settings(Settings.from_env()).fetch(args.ref))
+    return 0
+
+
+def _cmd_weights_list(args: argparse.Namespace) -> int:
+    from flux_lora.cache import WeightCache
+
+    for entry in WeightCache.from_settings(Settings.from_env()).entries():
+        print(f"{entry.size:>12}  {entry.path}  {entry.ref}")
+    return 0
+
+
+def _cmd_weights_clear(args: argparse.Namespace) -> int:
+    from flux_lora.cache import WeightCache
+
+    removed = WeightCache.from_settings(Settings.from_env()).clear()
+    print(f"removed {removed} cached file(s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flux-lora", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, handler: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_)
+        p.set_defaults(handler=handler)
+        return p
+
+    def predictor_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--predictor", choices=["hotswap", "trained"], default="hotswap")
+
+    p = add("make-tiny", _cmd_make_tiny, "write a tiny random FLUX store (offline, seconds)")
+    p.add_argument("dir")
+
+    p = add("schema", _cmd_schema, "print the OpenAPI schema `cog build` would write")
+    predictor_option(p)
+
+    p = add("serve", _cmd_serve, "run the cog HTTP server on a predictor")
+    predictor_option(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--upload-url", default=None, help="PUT output files here (as cog does)")
+
+    p = add("predict", _cmd_predict, "run one prediction, like `cog predict`")
+    predictor_option(p)
+    p.add_argument("-i", "--input", action="append", default=[], metavar="NAME=VALUE",
+                   help="an input; NAME=@path for a file")
+    p.add_argument("-o", "--output", default="outputs", help="directory for the output files")
+
+    weights = sub.add_parser("weights", help="the LoRA weight cache and the base-model store")
+    wsub = weights.add_subparsers(dest="weights_command", required=True)
+    p = wsub.add_parser("fetch", help="resolve a LoRA reference into a verified cached file")
+    p.add_argument("ref")
+    p.set_defaults(handler=_cmd_weights_fetch)
+    wsub.add_parser("list", help="list the cached LoRA files").set_defaults(handler=_cmd_weights_list)
+    wsub.add_parser("clear", help="empty the LoRA cache").set_defaults(handler=_cmd_weights_clear)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else os.environ.get("FLUX_LORA_LOG_LEVEL", "INFO"),
+        format="%(message)s",
+    )
+    try:
+        return args.handler(args)
+    except Exception as exc:  # a one-line reason, never a stack trace, for expected failures
+        from flux_lora.errors import UserError
+
+        if isinstance(exc, UserError):
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        raise

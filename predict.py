@@ -1,0 +1,167 @@
+"""Cog schema for the two Replicate FLUX LoRA model variants, and the hand-off to flux_lora.
+
+- TrainedPredictor: a trained LoRA baked into the deployment (COG_WEIGHTS), go_fast on by default.
+- HotswapPredictor: the main LoRA is chosen per request through `replicate_weights`.
+
+The inputs are written out literally (a shared `Inputs` class, literal choices and string
+constants) because `cog build` reads this file statically to write the OpenAPI schema.
+"""
+
+from typing import Optional
+
+from cog import BaseRunner, Input, Path
+
+from flux_lora.service import HOTSWAP, TRAINED, Service
+
+LORA_DESCRIPTION = "Load LoRA weights. Supports Replicate models in the format <owner>/<username> or <owner>/<username>/<version>, HuggingFace URLs in the format huggingface.co/<owner>/<model-name>, CivitAI URLs in the format civitai.com/models/<id>[/<model-name>], or arbitrary .safetensors URLs from the Internet. For example, 'fofr/flux-pixar-cars'"  # noqa: E501
+LORA_SCALE_DESCRIPTION = "Determines how strongly the main LoRA should be applied. Sane results between 0 and 1 for base inference. For go_fast we apply a 1.5x multiplier to this value; we've generally seen good performance when scaling the base value by that amount. You may still need to experiment to find the best value for your particular lora."  # noqa: E501
+EXTRA_LORA_SCALE_DESCRIPTION = "Determines how strongly the extra LoRA should be applied. Sane results between 0 and 1 for base inference. For go_fast we apply a 1.5x multiplier to this value; we've generally seen good performance when scaling the base value by that amount. You may still need to experiment to find the best value for your particular lora."  # noqa: E501
+GO_FAST_DESCRIPTION = "Run faster predictions with model optimized for speed (currently fp8 quantized); disable to run in original bf16"  # noqa: E501
+
+
+class Inputs:
+    """Input definitions shared by both variants, in schema order."""
+
+    prompt = Input(
+        description="Prompt for generated image. If you include the `trigger_word` used in the training process you are more likely to activate the trained object, style, or concept in the resulting image."  # noqa: E501
+    )
+    image = Input(
+        description="Input image for image to image or inpainting mode. If provided, aspect_ratio, width, and height inputs are ignored.",  # noqa: E501
+        default=None,
+    )
+    mask = Input(
+        description="Image mask for image inpainting mode. If provided, aspect_ratio, width, and height inputs are ignored.",  # noqa: E501
+        default=None,
+    )
+    aspect_ratio = Input(
+        description="Aspect ratio for the generated image. If custom is selected, uses height and width below & will run in bf16 mode",  # noqa: E501
+        choices=["1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21", "custom"],
+        default="1:1",
+    )
+    height = Input(
+        description="Height of generated image. Only works if `aspect_ratio` is set to custom. Will be rounded to nearest multiple of 16. Incompatible with fast generation",  # noqa: E501
+        ge=256,
+        le=1440,
+        default=None,
+    )
+    width = Input(
+        description="Width of generated image. Only works if `aspect_ratio` is set to custom. Will be rounded to nearest multiple of 16. Incompatible with fast generation",  # noqa: E501
+        ge=256,
+        le=1440,
+        default=None,
+    )
+    prompt_strength = Input(
+        description="Prompt strength when using img2img. 1.0 corresponds to full destruction of information in image",  # noqa: E501
+        ge=0.0,
+        le=1.0,
+        default=0.8,
+    )
+    model = Input(
+        description="Which model to run inference with. The dev model performs best with around 28 inference steps but the schnell model only needs 4 steps.",  # noqa: E501
+        choices=["dev", "schnell"],
+        default="dev",
+    )
+    num_outputs = Input(description="Number of outputs to generate", ge=1, le=4, default=1)
+    num_inference_steps = Input(
+        description="Number of denoising steps. More steps can give more detailed images, but take longer.",
+        ge=1,
+        le=50,
+        default=28,
+    )
+    guidance_scale = Input(
+        description="Guidance scale for the diffusion process. Lower values can give more realistic images. Good values to try are 2, 2.5, 3 and 3.5",  # noqa: E501
+        ge=0,
+        le=10,
+        default=3,
+    )
+    seed = Input(description="Random seed. Set for reproducible generation", default=None)
+    output_format = Input(
+        description="Format of the output images", choices=["webp", "jpg", "png"], default="webp"
+    )
+    output_quality = Input(
+        description="Quality when saving the output images, from 0 to 100. 100 is best quality, 0 is lowest quality. Not relevant for .png outputs",  # noqa: E501
+        ge=0,
+        le=100,
+        default=80,
+    )
+    disable_safety_checker = Input(description="Disable safety checker for generated images.", default=False)
+    megapixels = Input(
+        description="Approximate number of megapixels for generated image", choices=["1", "0.25"], default="1"
+    )
+    replicate_weights = Input(description=LORA_DESCRIPTION, default=None)
+    lora_scale = Input(description=LORA_SCALE_DESCRIPTION, ge=-1, le=3, default=1.0)
+    extra_lora = Input(description=LORA_DESCRIPTION, default=None)
+    extra_lora_scale = Input(description=EXTRA_LORA_SCALE_DESCRIPTION, ge=-1, le=3, default=1.0)
+
+    @staticmethod
+    def go_fast(default: bool) -> Input:
+        return Input(description=GO_FAST_DESCRIPTION, default=default)
+
+
+class TrainedPredictor(BaseRunner):
+    """A deployment of one trained LoRA: COG_WEIGHTS names it; go_fast is on by default."""
+
+    def setup(self, weights: Optional[str] = None) -> None:
+        self.service = Service.start(TRAINED, weights)
+
+    def run(
+        self,
+        prompt: str = Inputs.prompt,
+        image: Optional[Path] = Inputs.image,
+        mask: Optional[Path] = Inputs.mask,
+        aspect_ratio: str = Inputs.aspect_ratio,
+        height: Optional[int] = Inputs.height,
+        width: Optional[int] = Inputs.width,
+        prompt_strength: float = Inputs.prompt_strength,
+        model: str = Inputs.model,
+        num_outputs: int = Inputs.num_outputs,
+        num_inference_steps: int = Inputs.num_inference_steps,
+        guidance_scale: float = Inputs.guidance_scale,
+        seed: Optional[int] = Inputs.seed,
+        output_format: str = Inputs.output_format,
+        output_quality: int = Inputs.output_quality,
+        disable_safety_checker: bool = Inputs.disable_safety_checker,
+        go_fast: bool = Inputs.go_fast(True),
+        megapixels: str = Inputs.megapixels,
+        lora_scale: float = Inputs.lora_scale,
+        extra_lora: Optional[str] = Inputs.extra_lora,
+        extra_lora_scale: float = Inputs.extra_lora_scale,
+    ) -> list[Path]:
+        inputs = dict(locals())
+        del inputs["self"]
+        return [Path(p) for p in self.service.predict(**inputs)]
+
+
+class HotswapPredictor(BaseRunner):
+    """One deployment for any LoRA: `replicate_weights` picks the main LoRA per request."""
+
+    def setup(self, weights: Optional[str] = None) -> None:
+        self.service = Service.start(HOTSWAP, weights)
+
+    def run(
+        self,
+        prompt: str = Inputs.prompt,
+        image: Optional[Path] = Inputs.image,
+        mask: Optional[Path] = Inputs.mask,
+        aspect_ratio: str = Inputs.aspect_ratio,
+        height: Optional[int] = Inputs.height,
+        width: Optional[int] = Inputs.width,
+        prompt_strength: float = Inputs.prompt_strength,
+        model: str = Inputs.model,
+        num_outputs: int = Inputs.num_outputs,
+        num_inference_steps: int = Inputs.num_inference_steps,
+        guidance_scale: float = Inputs.guidance_scale,
+        seed: Optional[int] = Inputs.seed,
+        output_format: str = Inputs.output_format,
+        output_quality: int = Inputs.output_quality,
+        disable_safety_checker: bool = Inputs.disable_safety_checker,
+        go_fast: bool = Inputs.go_fast(False),
+        megapixels: str = Inputs.megapixels,
+        replicate_weights: Optional[str] = Inputs.replicate_weights,
+        lora_scale: float = Inputs.lora_scale,
+        extra_lora: Optional[str] = Inputs.extra_lora,
+        extra_lora_scale: float = Inputs.extra_lora_scale,
+    ) -> list[Path]:
+        inputs = dict(locals())
+        del inputs["self"]
+        return [Path(p) for p in self.service.predict(**inputs)]
