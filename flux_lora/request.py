@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from flux_lora.errors import UserError
 
@@ -44,7 +44,7 @@ class InputError(UserError, ValueError):
         self.field = field
 
 
-class Mode(str, Enum):
+class Mode(StrEnum):
     TXT2IMG = "txt2img"
     IMG2IMG = "img2img"
     INPAINT = "inpaint"

@@ -27,7 +27,10 @@ from transformers import (
 from flux_lora.pipelines import DEV_DIR, SCHNELL_DIR
 
 TEXT_DIM = 32  # CLIP hidden size == pooled_projection_dim; T5 d_model == joint_attention_dim
-_WORDS = ["a", "photo", "of", "the", "cat", "dog", "man", "woman", "portrait", "in", "style", "with", "on", "red", "blue", "green", "light", "dark", "tok", "painting", "film", "grain", "sunset", "city", "street", "forest", "mountain", "river", "car", "house", "sky", "night", "day"]
+_WORDS = (  # noqa: SIM905
+    "a photo of the cat dog man woman portrait in style with on red blue green light dark tok "
+    "painting film grain sunset city street forest mountain river car house sky night day"
+).split()
 
 
 def tiny_transformer(guidance_embeds: bool) -> FluxTransformer2DModel:
