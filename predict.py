@@ -7,6 +7,7 @@ The inputs are written out literally (a shared `Inputs` class, literal choices a
 constants) because `cog build` reads this file statically to write the OpenAPI schema.
 """
 
+from typing import Optional
 
 from cog import BaseRunner, Input, Path
 
@@ -100,30 +101,30 @@ class Inputs:
 class TrainedPredictor(BaseRunner):
     """A deployment of one trained LoRA: COG_WEIGHTS names it; go_fast is on by default."""
 
-    def setup(self, weights: str | None = None) -> None:
+    def setup(self, weights: Optional[str] = None) -> None:
         self.service = Service.start(TRAINED, weights)
 
     def run(
         self,
         prompt: str = Inputs.prompt,
-        image: Path | None = Inputs.image,
-        mask: Path | None = Inputs.mask,
+        image: Optional[Path] = Inputs.image,
+        mask: Optional[Path] = Inputs.mask,
         aspect_ratio: str = Inputs.aspect_ratio,
-        height: int | None = Inputs.height,
-        width: int | None = Inputs.width,
+        height: Optional[int] = Inputs.height,
+        width: Optional[int] = Inputs.width,
         prompt_strength: float = Inputs.prompt_strength,
         model: str = Inputs.model,
         num_outputs: int = Inputs.num_outputs,
         num_inference_steps: int = Inputs.num_inference_steps,
         guidance_scale: float = Inputs.guidance_scale,
-        seed: int | None = Inputs.seed,
+        seed: Optional[int] = Inputs.seed,
         output_format: str = Inputs.output_format,
         output_quality: int = Inputs.output_quality,
         disable_safety_checker: bool = Inputs.disable_safety_checker,
         go_fast: bool = Inputs.go_fast(True),
         megapixels: str = Inputs.megapixels,
         lora_scale: float = Inputs.lora_scale,
-        extra_lora: str | None = Inputs.extra_lora,
+        extra_lora: Optional[str] = Inputs.extra_lora,
         extra_lora_scale: float = Inputs.extra_lora_scale,
     ) -> list[Path]:
         inputs = dict(locals())
@@ -134,31 +135,31 @@ class TrainedPredictor(BaseRunner):
 class HotswapPredictor(BaseRunner):
     """One deployment for any LoRA: `replicate_weights` picks the main LoRA per request."""
 
-    def setup(self, weights: str | None = None) -> None:
+    def setup(self, weights: Optional[str] = None) -> None:
         self.service = Service.start(HOTSWAP, weights)
 
     def run(
         self,
         prompt: str = Inputs.prompt,
-        image: Path | None = Inputs.image,
-        mask: Path | None = Inputs.mask,
+        image: Optional[Path] = Inputs.image,
+        mask: Optional[Path] = Inputs.mask,
         aspect_ratio: str = Inputs.aspect_ratio,
-        height: int | None = Inputs.height,
-        width: int | None = Inputs.width,
+        height: Optional[int] = Inputs.height,
+        width: Optional[int] = Inputs.width,
         prompt_strength: float = Inputs.prompt_strength,
         model: str = Inputs.model,
         num_outputs: int = Inputs.num_outputs,
         num_inference_steps: int = Inputs.num_inference_steps,
         guidance_scale: float = Inputs.guidance_scale,
-        seed: int | None = Inputs.seed,
+        seed: Optional[int] = Inputs.seed,
         output_format: str = Inputs.output_format,
         output_quality: int = Inputs.output_quality,
         disable_safety_checker: bool = Inputs.disable_safety_checker,
         go_fast: bool = Inputs.go_fast(False),
         megapixels: str = Inputs.megapixels,
-        replicate_weights: str | None = Inputs.replicate_weights,
+        replicate_weights: Optional[str] = Inputs.replicate_weights,
         lora_scale: float = Inputs.lora_scale,
-        extra_lora: str | None = Inputs.extra_lora,
+        extra_lora: Optional[str] = Inputs.extra_lora,
         extra_lora_scale: float = Inputs.extra_lora_scale,
     ) -> list[Path]:
         inputs = dict(locals())
