@@ -70,7 +70,7 @@ def load_pipelines(store: Path, device: torch.device, dtype: torch.dtype) -> Pip
         store / SCHNELL_DIR, subfolder="transformer", dtype=dtype
     )
     schnell_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(store / SCHNELL_DIR, subfolder="scheduler")
-    schnell = FluxPipeline.from_pipe(dev, transformer=schnell_transformer, scheduler=schnell_scheduler)
+    schnell = FluxPipeline.from_pipe(dev, transformer=schnell_transformer, scheduler=schnell_scheduler, dtype=dtype)
     if device.type != "cpu":
         dev.to(device)
         schnell_transformer.to(device)
@@ -79,8 +79,8 @@ def load_pipelines(store: Path, device: torch.device, dtype: torch.dtype) -> Pip
     text2img = {"dev": dev, "schnell": schnell}
     pipelines = Pipelines(
         text2img=text2img,
-        img2img={name: FluxImg2ImgPipeline.from_pipe(pipe) for name, pipe in text2img.items()},
-        inpaint={name: FluxInpaintPipeline.from_pipe(pipe) for name, pipe in text2img.items()},
+        img2img={name: FluxImg2ImgPipeline.from_pipe(pipe, dtype=dtype) for name, pipe in text2img.items()},
+        inpaint={name: FluxInpaintPipeline.from_pipe(pipe, dtype=dtype) for name, pipe in text2img.items()},
         device=device,
         dtype=dtype,
     )

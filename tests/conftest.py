@@ -1,0 +1,111 @@
+"""Shared fixtures: one tiny FLUX store per test session, and the real cog server on loopback."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).parent))  # tests/seeds.py and friends
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from flux_lora.tiny import make_tiny_store
+
+    return make_tiny_store(tmp_path_factory.mktemp("store"))
+
+
+@pytest.fixture
+def store_env(tiny_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point the service at the tiny store, with a private LoRA cache."""
+    monkeypatch.setenv("FLUX_LORA_WEIGHTS", str(tiny_store))
+    monkeypatch.setenv("FLUX_LORA_CACHE", str(tmp_path / "lora-cache"))
+    monkeypatch.delenv("COG_WEIGHTS", raising=False)
+    return tiny_store
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class CogServer:
+    """`flux-lora serve` in a subprocess: the real coglet HTTP server on 127.0.0.1."""
+
+    def __init__(self, predictor: str, workdir: Path, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = workdir / "server.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "flux_lora", "serve", "--predictor", predictor, "--port", str(self.port)],
+            cwd=workdir,
+            env=env,
+            stdout=self.log.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited:\n{self.log.read_text()[-3000:]}")
+            try:
+                if requests.get(f"{self.url}/health-check", timeout=2).json()["status"] == "READY":
+                    return
+            except (requests.ConnectionError, requests.Timeout, ValueError, KeyError):
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"server not ready:\n{self.log.read_text()[-3000:]}")
+
+    def predict(self, timeout: float = 120, **inputs: object) -> requests.Response:
+        return requests.post(f"{self.url}/predictions", json={"input": inputs}, timeout=timeout)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def server_env(store: Path, workdir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COG_", "FLUX_LORA_"))}
+    env.update(FLUX_LORA_WEIGHTS=str(store), FLUX_LORA_CACHE=str(workdir / "lora-cache"), **extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def hotswap_server(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CogServer]:
+    workdir = tmp_path_factory.mktemp("hotswap")
+    server = CogServer("hotswap", workdir, server_env(tiny_store, workdir))
+    yield server
+    server.stop()
+
+
+def data_uri(image: Image.Image, fmt: str = "PNG") -> str:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return f"data:image/{fmt.lower()};base64,{base64.b64encode(buf.getvalue()).decode()}"
+
+
+def decode_output(uri: str) -> Image.Image:
+    """An output URI (cog returns data: URIs without an upload URL) as an image."""
+    header, _, payload = uri.partition(",")
+    assert header.startswith("data:image/"), header
+    image = Image.open(io.BytesIO(base64.b64decode(payload)))
+    image.load()
+    return image

@@ -1,0 +1,112 @@
+"""`flux-lora predict` (cog predict's validation and defaults), `make-tiny` and `schema`."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flux_lora.cli import main
+
+FAST = ["-i", "num_inference_steps=2", "-i", "megapixels=0.25"]
+
+
+def _predict(tmp_path: Path, *inputs: str, predictor: str = "hotswap") -> list[Path]:
+    """Run one prediction into tmp_path/out; return the files it added."""
+    out = tmp_path / "out"
+    before = set(out.glob("prediction-*/out-*"))
+    args = ["predict", "--predictor", predictor, "-o", str(out), *FAST]
+    for item in inputs:
+        args += ["-i", item]
+    assert main(args) == 0
+    return sorted(set(out.glob("prediction-*/out-*")) - before)
+
+
+def test_same_seed_same_image_other_seed_other_image(store_env: Path, tmp_path: Path) -> None:
+    first = _predict(tmp_path / "a", "prompt=a cat", "seed=99", "output_format=png")
+    second = _predict(tmp_path / "b", "prompt=a cat", "seed=99", "output_format=png")
+    third = _predict(tmp_path / "c", "prompt=a cat", "seed=100", "output_format=png")
+    pixels = [np.asarray(Image.open(p[0])) for p in (first, second, third)]
+    assert np.array_equal(pixels[0], pixels[1])
+    assert not np.array_equal(pixels[0], pixels[2])
+
+
+def test_outputs_land_in_a_fresh_directory_each_time(store_env: Path, tmp_path: Path) -> None:
+    paths = _predict(tmp_path, "prompt=x", "num_outputs=3", "output_format=jpg", "model=schnell")
+    paths += _predict(tmp_path, "prompt=x", "output_format=jpg", "model=schnell")
+    assert [p.name for p in paths] == ["out-0.jpg", "out-1.jpg", "out-2.jpg", "out-0.jpg"]
+    assert len({p.parent for p in paths}) == 2
+    assert all(Image.open(p).format == "JPEG" for p in paths)
+
+
+def test_quality_changes_lossy_files_only(store_env: Path, tmp_path: Path) -> None:
+    low = _predict(tmp_path, "prompt=x", "seed=1", "output_quality=5")[0]
+    high = _predict(tmp_path, "prompt=x", "seed=1", "output_quality=95")[0]
+    assert low.suffix == ".webp" and low.stat().st_size < high.stat().st_size
+    png_a = _predict(tmp_path, "prompt=x", "seed=1", "output_format=png", "output_quality=5")[0]
+    png_b = _predict(tmp_path, "prompt=x", "seed=1", "output_format=png", "output_quality=95")[0]
+    assert hashlib.sha256(png_a.read_bytes()).digest() == hashlib.sha256(png_b.read_bytes()).digest()
+
+
+def test_image_file_input_with_at_syntax(store_env: Path, tmp_path: Path) -> None:
+    source = tmp_path / "in.png"
+    Image.new("RGB", (300, 200), (0, 128, 0)).save(source)
+    (path,) = _predict(tmp_path, "prompt=x", f"image=@{source}", "prompt_strength=1")
+    assert Image.open(path).size == (288, 192)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        (["prompt=x", "num_outputs=9"], "num_outputs fails constraint <= 4"),
+        (["prompt=x", "model=pro"], "model does not match choices"),
+        (["prompt=x", "seed=abc"], "seed: expected integer"),
+        (["prompt=x", "colour=red"], "colour: unknown input"),
+        (["num_outputs=1"], "prompt: Field required"),
+        (["prompt=x", "aspect_ratio=custom", "height=512"], "width: is required when aspect_ratio is 'custom'"),
+        (["prompt=x", "image=@/no/such/file.png"], "image: file not found"),
+    ],
+)
+def test_bad_input_is_one_line_and_non_zero(
+    store_env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], inputs: list[str], message: str
+) -> None:
+    args = ["predict", "-o", str(tmp_path)]
+    for item in inputs:
+        args += ["-i", item]
+    assert main(args) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1]
+
+
+def test_console_script_exits_without_a_traceback(store_env: Path, tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "flux_lora", "predict", "-i", "prompt=x", "-i", "aspect_ratio=custom"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: width: is required")
+
+
+def test_make_tiny_is_deterministic_and_complete(tiny_store: Path, tmp_path: Path) -> None:
+    from flux_lora.tiny import make_tiny_store
+
+    again = make_tiny_store(tmp_path / "again")
+    for rel in ("FLUX.1-dev/transformer/diffusion_pytorch_model.safetensors",
+                "FLUX.1-schnell/transformer/diffusion_pytorch_model.safetensors",
+                "FLUX.1-dev/vae/diffusion_pytorch_model.safetensors"):
+        assert (again / rel).read_bytes() == (tiny_store / rel).read_bytes(), rel
+    for sub in ("model_index.json", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"):
+        assert (tiny_store / "FLUX.1-dev" / sub).exists(), sub
+
+
+def test_schema_command_prints_the_schema(capsys: pytest.CaptureFixture[str]) -> None:
+    from flux_lora.schema import schema_json
+
+    assert main(["schema", "--predictor", "trained"]) == 0
+    assert capsys.readouterr().out.strip() == schema_json("trained")
