@@ -84,6 +84,11 @@ def _origin(url: str) -> tuple[str, str, int | None]:
     return parts.scheme, (parts.hostname or "").lower(), parts.port
 
 
+def resolve_host(host: str, port: int) -> list[str]:
+    """The addresses `host` resolves to (a seam tests replace to play a public host)."""
+    return [str(info[4][0]) for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)]
+
+
 def check_url(url: str, allow_private: bool) -> None:
     """Refuse non-http(s) URLs and, unless allowed, hosts resolving to non-public addresses."""
     parts = urlsplit(url)
@@ -92,11 +97,11 @@ def check_url(url: str, allow_private: bool) -> None:
     if allow_private:
         return
     try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port or 443, proto=socket.IPPROTO_TCP)
+        addresses = resolve_host(parts.hostname, parts.port or 443)
     except (socket.gaierror, UnicodeError):
         raise WeightsError(f"{redact_url(url)}: cannot resolve host {parts.hostname!r}") from None
-    for info in infos:
-        ip = ipaddress.ip_address(str(info[4][0]).split("%")[0])
+    for address in addresses:
+        ip = ipaddress.ip_address(address.split("%")[0])
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
             ip = ip.ipv4_mapped
         if not ip.is_global or ip.is_multicast or (ip.version == 4 and ip in _CGNAT):
@@ -203,31 +208,32 @@ class Downloader:
         """Write the file at `target` to `dest` (created or truncated); return its size in bytes."""
 
         def probe() -> tuple[requests.Response, str]:
-            return self._request(target, target.url, {"Range": "bytes=0-0", "Accept-Encoding": "identity"})
+            return self._request(target, target.url, {"Range": "bytes=0-", "Accept-Encoding": "identity"})
 
         response, final_url = self._retrying(target, probe)
         total, ranged = self._size_of(response, target)
-        if ranged or (total is not None and total > self.policy.max_bytes):
-            response.close()
+        big = total is not None and total >= 2 * self.policy.part_bytes
+        parallel = ranged and big and self.policy.connections > 1
+        if parallel or (total is not None and total > self.policy.max_bytes):
+            response.close()  # the parts fetch their own ranges
         self._check_size(total, target)
         progress = _Progress(target.what, total)
-        big = total is not None and total >= 2 * self.policy.part_bytes
-        if ranged and big and self.policy.connections > 1:
+        if parallel:
             assert total is not None
             self._parallel(target, final_url, dest, total, progress)
         else:
-            self._single(target, final_url, dest, total, ranged, None if ranged else response, progress)
+            self._single(target, final_url, dest, total, ranged, response, progress)
         progress.done()
         return dest.stat().st_size
 
     def _size_of(self, response: requests.Response, target: Target) -> tuple[int | None, bool]:
-        """(total size or None, whether ranges work) from the answer to a `Range: bytes=0-0` request."""
+        """(total size or None, whether ranges work) from the answer to a `Range: bytes=0-` request."""
         if response.headers.get("Content-Type", "").lower().startswith("text/html"):
             response.close()
             raise NotALoraError(f"{target.what}: the server sent an HTML page (a login or error page?), "
                                 "not a weights file")
         if response.status_code == 206:
-            match = re.fullmatch(r"bytes\s+0-0/(\d+)", response.headers.get("Content-Range", ""))
+            match = re.fullmatch(r"bytes\s+0-\d+/(\d+)", response.headers.get("Content-Range", ""))
             if match:
                 return int(match.group(1)), True
         length = response.headers.get("Content-Length")
