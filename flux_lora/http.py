@@ -207,20 +207,24 @@ class Downloader:
     def download(self, target: Target, dest: Path) -> int:
         """Write the file at `target` to `dest` (created or truncated); return its size in bytes."""
 
+        # The first request asks for the head of the file: a small file arrives whole in this one answer,
+        # a large one continues as the first part of the parallel download.
+        head = 2 * self.policy.part_bytes
+        first_range = f"bytes=0-{head - 1}" if self.policy.connections > 1 else "bytes=0-"
+
         def probe() -> tuple[requests.Response, str]:
-            return self._request(target, target.url, {"Range": "bytes=0-", "Accept-Encoding": "identity"})
+            return self._request(target, target.url, {"Range": first_range, "Accept-Encoding": "identity"})
 
         response, final_url = self._retrying(target, probe)
         total, ranged = self._size_of(response, target)
-        big = total is not None and total >= 2 * self.policy.part_bytes
-        parallel = ranged and big and self.policy.connections > 1
-        if parallel or (total is not None and total > self.policy.max_bytes):
-            response.close()  # the parts fetch their own ranges
+        parallel = ranged and total is not None and total > head and self.policy.connections > 1
+        if total is not None and total > self.policy.max_bytes:
+            response.close()
         self._check_size(total, target)
         progress = _Progress(target.what, total)
         if parallel:
             assert total is not None
-            self._parallel(target, final_url, dest, total, progress)
+            self._parallel(target, final_url, dest, total, head, response, progress)
         else:
             self._single(target, final_url, dest, total, ranged, response, progress)
         progress.done()
@@ -304,10 +308,17 @@ class Downloader:
         finally:
             os.close(fd)
 
-    def _parallel(self, target: Target, url: str, dest: Path, total: int, progress: _Progress) -> None:
-        """Ranged parts in parallel threads, each written at its offset and retried on its own."""
-        parts = min(self.policy.connections, max(1, total // self.policy.part_bytes))
-        bounds = [(i * total // parts, (i + 1) * total // parts) for i in range(parts)]
+    def _parallel(self, target: Target, url: str, dest: Path, total: int, head: int,
+                  first: requests.Response, progress: _Progress) -> None:
+        """Ranged parts in parallel threads, each written at its offset and retried on its own.
+
+        Part 0 is the answer to the first request (bytes 0..head-1); the rest is split evenly.
+        """
+        rest = total - head
+        parts = min(self.policy.connections - 1, max(1, rest // self.policy.part_bytes))
+        bounds = [(0, head)]
+        bounds += [(head + i * rest // parts, head + (i + 1) * rest // parts) for i in range(parts)]
+        pending = {0: first}
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.ftruncate(fd, total)
         stop = threading.Event()
@@ -319,8 +330,10 @@ class Downloader:
                 nonlocal done
                 if stop.is_set():
                     raise WeightsError(f"{target.what}: cancelled")
-                headers = {"Range": f"bytes={start + done}-{end - 1}", "Accept-Encoding": "identity"}
-                response, _ = self._request(target, url, headers)
+                response = pending.pop(start, None) if done == 0 else None
+                if response is None:
+                    headers = {"Range": f"bytes={start + done}-{end - 1}", "Accept-Encoding": "identity"}
+                    response, _ = self._request(target, url, headers)
                 expected = f"bytes {start + done}-{end - 1}/"
                 content_range = response.headers.get("Content-Range", "")
                 if response.status_code != 206 or not content_range.startswith(expected):
@@ -338,12 +351,14 @@ class Downloader:
                 raise
 
         try:
-            with ThreadPoolExecutor(max_workers=parts, thread_name_prefix="flux-lora-dl") as pool:
+            with ThreadPoolExecutor(max_workers=len(bounds), thread_name_prefix="flux-lora-dl") as pool:
                 futures = [pool.submit(fetch, start, end) for start, end in bounds]
                 for future in futures:
                     future.result()
         finally:
             os.close(fd)
+            for response in pending.values():
+                response.close()
 
 
 class _Progress:
