@@ -45,8 +45,9 @@ def main() -> int:
         dest = Path(tmp) / "out.bin"
         big = max(size, 1) * 2
         methods = {
-            f"parallel ranged x{args.connections}": DownloadPolicy(max_bytes=big, connections=args.connections,
-                                                                   allow_private=True),
+            f"parallel ranged x{args.connections}": DownloadPolicy(
+                max_bytes=big, connections=args.connections, allow_private=True
+            ),
             "single stream": DownloadPolicy(max_bytes=big, connections=1, allow_private=True),
         }
         results: dict[str, float] = {}
