@@ -460,10 +460,7 @@ def _decode_data_uri(uri: str, max_bytes: int, dest: Path) -> Path:
     if len(data) > max_bytes * 4 // 3 + 4:
         raise WeightsTooLarge(f"the data: URI is over the {max_bytes}-byte limit")
     try:
-        if header.endswith(";base64"):
-            payload = base64.b64decode(data, validate=False)
-        else:
-            payload = unquote_to_bytes(data)
+        payload = base64.b64decode(data, validate=False) if header.endswith(";base64") else unquote_to_bytes(data)
     except ValueError:
         raise NotALoraError("the data: URI is not valid base64") from None
     dest.write_bytes(payload)

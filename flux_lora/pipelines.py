@@ -12,13 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-# diffusers imports torchao at import time, which logs deprecation chatter from torch's pytree
-# registry and missing optional CUDA kernels; none of it concerns this server.
-for _noisy in ("torch.utils._pytree", "torchao"):
-    logging.getLogger(_noisy).setLevel(logging.ERROR)
-
-from diffusers import (  # noqa: E402
+from diffusers import (
     DiffusionPipeline,
     FlowMatchEulerDiscreteScheduler,
     FluxImg2ImgPipeline,
@@ -26,9 +20,9 @@ from diffusers import (  # noqa: E402
     FluxPipeline,
     FluxTransformer2DModel,
 )
-from PIL import Image, ImageOps, UnidentifiedImageError  # noqa: E402
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from flux_lora.request import InputError, Mode, Request, fit_input_size  # noqa: E402
+from flux_lora.request import InputError, Mode, Request, fit_input_size
 
 log = logging.getLogger(__name__)
 
