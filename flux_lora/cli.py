@@ -35,14 +35,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from flux_lora.local import InvalidInput, parse_inputs, run_local
+    from flux_lora.local import parse_inputs, run_local
 
-    try:
-        inputs = parse_inputs(args.input)
-        paths = run_local(args.predictor, inputs, Path(args.output))
-    except InvalidInput as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    paths = run_local(args.predictor, parse_inputs(args.input, args.predictor), Path(args.output))
     for path in paths:
         print(path)
     return 0

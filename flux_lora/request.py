@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from flux_lora.errors import UserError
 
@@ -44,7 +44,7 @@ class InputError(UserError, ValueError):
         self.field = field
 
 
-class Mode(str, Enum):
+class Mode(StrEnum):
     TXT2IMG = "txt2img"
     IMG2IMG = "img2img"
     INPAINT = "inpaint"
@@ -197,6 +197,12 @@ def build_request(
     if mask and not image:
         raise InputError("mask", "needs an input image: set image as well, or leave mask empty")
     if image:
+        if int(num_inference_steps * prompt_strength) < 1:
+            raise InputError(
+                "prompt_strength",
+                f"is too low for {num_inference_steps} steps: num_inference_steps x prompt_strength "
+                "must be at least 1 (raise either)",
+            )
         mode = Mode.INPAINT if mask else Mode.IMG2IMG
         width = height = None  # taken from the image once it is read
     elif aspect_ratio == CUSTOM:

@@ -17,9 +17,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from cog import FieldInfo
+from cog import FieldInfo, Secret
 from cog import Path as CogPath
-from cog import Secret
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PREDICT_FILE = PROJECT_ROOT / "predict.py"
