@@ -190,7 +190,7 @@ def model_problems(root: Path, model: BaseModel) -> dict[str, str]:
 
 def describe(problems: dict[str, str], limit: int = 3) -> str:
     """`transformer/x.safetensors: missing; ...` for an error message, the first few only."""
-    text = "; ".join(f"{path}: {why}" for path, why in list(problems.items())[:limit])
+    text = "; ".join(why if path == "." else f"{path}: {why}" for path, why in list(problems.items())[:limit])
     return text + (f" (and {len(problems) - limit} more)" if len(problems) > limit else "")
 
 
@@ -291,6 +291,14 @@ def _access_error(model: BaseModel, status: int | None) -> StoreError:
     )
 
 
+def _quiet_http_logs() -> None:
+    """One INFO line per HTTP request drowns the per-model progress; keep those at WARNING unless set."""
+    for name in ("httpx", "httpx2"):
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.WARNING)
+
+
 def _clean_partials(folder: Path) -> None:
     """Drop temporary files a killed download left behind (we hold the model's lock: none is live)."""
     for tmp in (folder / ".cache" / "huggingface").rglob("*.incomplete"):
@@ -308,6 +316,7 @@ def download_model(root: Path, model: BaseModel) -> None:
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
     folder = root / model.folder
+    _quiet_http_logs()
     (root / LOCKS_DIR).mkdir(parents=True, exist_ok=True)
     with FileLock(str(root / LOCKS_DIR / f"{model.folder}.lock")):
         if is_complete(root, model):
