@@ -4,6 +4,10 @@ resuming, gating and offline mode."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 from urllib.parse import quote
 
@@ -207,6 +211,35 @@ def test_an_interrupted_download_resumes_without_fetching_finished_files_again(h
     refetched = {p.split(f"{hub.state.hub[DEV].sha}/", 1)[1] for p in resolve_gets(hub)}
     assert rel in refetched and not refetched & kept
     assert stored(root / "FLUX.1-dev") == EXPECTED["FLUX.1-dev"]
+
+
+def test_a_killed_download_is_not_served_and_the_next_run_finishes_it(hub: FakeServer, tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    rel = "transformer/diffusion_pytorch_model-00001-of-00003.safetensors"
+    big = save({"block.0.weight": np.arange(3_000_000, dtype=np.float32), "block.3.weight": np.ones(4, np.float32)})
+    hub.state.hub[SCHNELL].files[rel] = big
+    hub.state.chunk_delay = 0.05  # 12 MB in 64 KiB chunks: about 9 s, long enough to be killed mid-file
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.Popen([sys.executable, "-m", "flux_lora", "weights", "download-base", "--models", "schnell",
+                             "--no-safety"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not list(root.glob("FLUX.1-schnell/.cache/huggingface/download/**/*.incomplete")):
+            assert proc.poll() is None and time.monotonic() < deadline, "the download never started"
+            time.sleep(0.05)
+        time.sleep(0.3)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not (root / "FLUX.1-schnell" / rel).exists()
+    with pytest.raises(StoreError, match="FLUX.1-schnell"):
+        ensure_store(root, models=["schnell"], safety=False, offline=True)
+
+    hub.state.chunk_delay = 0.0
+    ensure_store(root, models=["schnell"], safety=False)
+    assert (root / "FLUX.1-schnell" / rel).read_bytes() == big
+    assert not list(root.rglob("*.incomplete"))
+    assert is_complete(root, MODELS["schnell"])
 
 
 def test_a_damaged_shard_is_detected_and_fetched_again(hub: FakeServer, tmp_path: Path) -> None:
