@@ -66,6 +66,15 @@ def _cmd_weights_clear(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_weights_download_base(args: argparse.Namespace) -> int:
+    from flux_lora.store import ensure_store, parse_models
+
+    root = Settings.from_env().weights_dir
+    ensure_store(root, models=parse_models(args.models), safety=not args.no_safety)
+    print(root)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flux-lora", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -104,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_weights_fetch)
     wsub.add_parser("list", help="list the cached LoRA files").set_defaults(handler=_cmd_weights_list)
     wsub.add_parser("clear", help="empty the LoRA cache").set_defaults(handler=_cmd_weights_clear)
+    p = wsub.add_parser("download-base", help="download the base models into the store (resumable)")
+    p.add_argument("--models", default="dev,schnell", help="comma-separated: dev, schnell")
+    p.add_argument("--no-safety", action="store_true", help="skip the two safety checker models")
+    p.set_defaults(handler=_cmd_weights_download_base)
     return parser
 
 
