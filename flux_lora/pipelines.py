@@ -23,12 +23,9 @@ from diffusers import (
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from flux_lora.request import InputError, Mode, Request, fit_input_size
+from flux_lora.store import DEV_DIR, SCHNELL_DIR
 
 log = logging.getLogger(__name__)
-
-DEV_DIR = "FLUX.1-dev"
-SCHNELL_DIR = "FLUX.1-schnell"
-
 
 def pick_device(preferred: str | None = None) -> tuple[torch.device, torch.dtype]:
     """CUDA in bf16 when present, else CPU in float32 (bf16 matmuls are slow on most CPUs)."""

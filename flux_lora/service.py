@@ -52,12 +52,15 @@ class Service:
         import torch
 
         from flux_lora.pipelines import load_pipelines, pick_device
+        from flux_lora.store import ensure_store
 
         self.variant = variant
         self.settings = settings
         self.baked_lora = baked_lora
         device, dtype = pick_device(settings.device)
         torch.set_grad_enabled(False)
+        # TODO(merge issue-5): safety=True once make-tiny writes the tiny checkers
+        ensure_store(settings.weights_dir, safety=False, offline=settings.offline)
         self.pipelines = load_pipelines(settings.weights_dir, device, dtype)
         if baked_lora is not None:
             raise UserError("COG_WEIGHTS: LoRA loading is not available yet in this build (see README status)")

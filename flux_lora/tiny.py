@@ -24,7 +24,7 @@ from transformers import (
     T5TokenizerFast,
 )
 
-from flux_lora.pipelines import DEV_DIR, SCHNELL_DIR
+from flux_lora.store import DEV_DIR, SCHNELL_DIR
 
 TEXT_DIM = 32  # CLIP hidden size == pooled_projection_dim; T5 d_model == joint_attention_dim
 _WORDS = (  # noqa: SIM905

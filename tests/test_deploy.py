@@ -40,7 +40,7 @@ def test_cog_yaml_builds_the_gpu_image_of_an_existing_predictor() -> None:
     torch = next(iter(requirements_txt()["torch"].specifier)).version
     # torch 2.11.0's CUDA builds in cog's compatibility matrix: 12.6, 12.8, 12.9, 13.0.
     assert torch == "2.11.0" and build["cuda"] in {"12.6", "12.8", "12.9", "13.0"}
-    module, _, cls = config["run"].partition(":")
+    module, _, cls = config["predict"].partition(":")
     tree = ast.parse((ROOT / module).read_text())
     assert cls in {node.name for node in tree.body if isinstance(node, ast.ClassDef)}
     assert cls == "HotswapPredictor"
