@@ -72,7 +72,13 @@ class CogServer:
         raise RuntimeError(f"server not ready:\n{self.log.read_text()[-3000:]}")
 
     def predict(self, timeout: float = 120, **inputs: object) -> requests.Response:
-        return requests.post(f"{self.url}/predictions", json={"input": inputs}, timeout=timeout)
+        """POST a prediction; coglet frees its one slot just after answering, so a 409 is retried briefly."""
+        deadline = time.monotonic() + 10
+        while True:
+            response = requests.post(f"{self.url}/predictions", json={"input": inputs}, timeout=timeout)
+            if response.status_code != 409 or time.monotonic() > deadline:
+                return response
+            time.sleep(0.1)
 
     def stop(self) -> None:
         self.proc.terminate()
