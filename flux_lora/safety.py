@@ -133,42 +133,54 @@ def make_tiny_checkers(
     flag: Literal["never", "always"] = "never",
     falcon: Literal["normal", "nsfw"] = "normal",
 ) -> None:
-    """Write tiny random checkers in the real layout, rigged so their verdict is known in advance.
+    """Write tiny random checkers (32 px, 2 layers) in the real layout, with a known verdict."""
+    store = Path(store)
+    torch.manual_seed(0)
+    tower = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
+    clip = CLIPConfig(
+        text_config={**tower, "vocab_size": 99, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1},
+        vision_config={**tower, "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    sd, vit = rigged_checkers(clip, ViTConfig(**tower, image_size=32, patch_size=8), flag=flag, falcon=falcon)
+    sd.save_pretrained(store / SD_CHECKER_DIR)
+    clip_processor(32).save_pretrained(store / SD_CHECKER_DIR)
+    vit.save_pretrained(store / FALCON_DIR)
+    vit_processor(32).save_pretrained(store / FALCON_DIR)
+
+
+def rigged_checkers(
+    clip: CLIPConfig,
+    vit: ViTConfig,
+    *,
+    flag: Literal["never", "always"],
+    falcon: Literal["normal", "nsfw"],
+) -> tuple[StableDiffusionSafetyChecker, ViTForImageClassification]:
+    """Random checkers of any size whose verdict is known in advance (for tests and benchmarks).
 
     SD checker: an image is flagged when cos(image, concept) - threshold > 0; cosines lie in [-1, 1],
     so a threshold of 2 never flags and -2 always does. Falcon: a zero classifier weight and a bias
     favouring one label make that label win for every image.
     """
-    store = Path(store)
-    torch.manual_seed(0)
-    clip = CLIPConfig(
-        text_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
-                     "num_attention_heads": 4, "vocab_size": 99, "bos_token_id": 0, "eos_token_id": 1,
-                     "pad_token_id": 1},
-        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
-                       "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
-        projection_dim=16,
-    )
     sd = StableDiffusionSafetyChecker(clip).eval()
-    threshold = 2.0 if flag == "never" else -2.0
     with torch.no_grad():
         sd.concept_embeds.copy_(torch.randn_like(sd.concept_embeds))
         sd.special_care_embeds.copy_(torch.randn_like(sd.special_care_embeds))
-        sd.concept_embeds_weights.fill_(threshold)
+        sd.concept_embeds_weights.fill_(2.0 if flag == "never" else -2.0)
         sd.special_care_embeds_weights.fill_(2.0)  # no "special care" adjustment
-    sd.save_pretrained(store / SD_CHECKER_DIR)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
-        store / SD_CHECKER_DIR
-    )
-
-    vit = ViTConfig(
-        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-        image_size=32, patch_size=8,
-        id2label={0: SAFE_LABEL, 1: "nsfw"}, label2id={SAFE_LABEL: 0, "nsfw": 1},
-    )
+    vit.id2label, vit.label2id = {0: SAFE_LABEL, 1: "nsfw"}, {SAFE_LABEL: 0, "nsfw": 1}
     model = ViTForImageClassification(vit).eval()
     with torch.no_grad():
         model.classifier.weight.zero_()
         model.classifier.bias.copy_(torch.tensor([4.0, -4.0] if falcon == "normal" else [-4.0, 4.0]))
-    model.save_pretrained(store / FALCON_DIR)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(store / FALCON_DIR)
+    return sd, model
+
+
+def clip_processor(size: int) -> CLIPImageProcessor:
+    """The SD checker's preprocessing (resize the short side, centre crop), at its tower's size."""
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def vit_processor(size: int) -> ViTImageProcessor:
+    """Falcon's preprocessing (plain resize to a square), at its model's size."""
+    return ViTImageProcessor(size={"height": size, "width": size})
