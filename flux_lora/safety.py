@@ -95,9 +95,9 @@ class SafetyChecker:
     def sd_flags(self, images: Sequence[Image.Image]) -> list[bool]:
         """The SD checker's verdict for each image, from one call on the whole batch."""
         clip_input = self._pixels(self.sd_processor, images)
-        # The checker blacks out flagged entries of `images` in place; we only want the flags, so it
-        # gets a throwaway copy of its own input rather than our images.
-        _, flags = self.sd(clip_input=clip_input, images=clip_input.clone())
+        # The checker blacks out the flagged entries of `images` in place. We want only the flags, so it
+        # gets its own input tensor (used up by then) instead of a full-size copy of our images.
+        _, flags = self.sd(clip_input=clip_input, images=clip_input)
         return [bool(flag) for flag in flags]
 
     def falcon_unsafe(self, images: Sequence[Image.Image]) -> list[bool]:
@@ -119,10 +119,11 @@ class SafetyChecker:
 
 
 def safe_images(
-    images: Sequence[Image.Image], checker: SafetyChecker | None, *, disabled: bool
+    images: Sequence[Image.Image], checker: SafetyChecker, *, disabled: bool
 ) -> list[Image.Image]:
-    """The images a prediction returns: all of them when checking is disabled, else the safe ones."""
-    if disabled or checker is None:
+    """The images a prediction returns: all of them when checking is disabled (no model runs), else
+    the safe ones in order; raises NSFWError when none is safe."""
+    if disabled:
         return list(images)
     return [images[i] for i in checker.filter(images)]
 
