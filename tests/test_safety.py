@@ -168,3 +168,11 @@ def test_tiny_checkers_are_deterministic(tmp_path: Path) -> None:
     for sub in (SD_CHECKER_DIR, FALCON_DIR):
         a = (tmp_path / "a" / sub / "model.safetensors").read_bytes()
         assert a == (tmp_path / "b" / sub / "model.safetensors").read_bytes()
+
+
+def test_half_precision_load_gives_the_same_verdicts(stores: dict, images: list) -> None:
+    """fp16 is what CUDA deployments use; the checker's inputs follow the models' dtype."""
+    checker = SafetyChecker.load(stores["always", "nsfw"], CPU, torch.float16)
+    assert checker.sd.dtype == torch.float16 and checker.falcon.dtype == torch.float16
+    assert checker.sd_flags(images) == [True] * 4
+    assert checker.falcon_unsafe(images[:2]) == [True, True]
