@@ -30,6 +30,8 @@ from transformers.image_processing_utils import BaseImageProcessor
 from flux_lora.errors import UserError
 
 log = logging.getLogger(__name__)
+# The SD checker's "a black image will be returned instead" warning is not what we do; we log our own.
+diffusers_logging.get_logger(StableDiffusionSafetyChecker.__module__).setLevel(logging.ERROR)
 
 SD_CHECKER_DIR = "safety-checker"
 FALCON_DIR = "falcon-nsfw"
@@ -63,8 +65,6 @@ class SafetyChecker:
             if not (path / "config.json").is_file():
                 raise FileNotFoundError(f"safety checker weights missing: {path}/config.json")
         sd = StableDiffusionSafetyChecker.from_pretrained(sd_dir, dtype=dtype).to(device).eval()
-        # Its "a black image will be returned instead" warning is not what we do; we log our own verdict.
-        diffusers_logging.get_logger(StableDiffusionSafetyChecker.__module__).setLevel(logging.ERROR)
         falcon = ViTForImageClassification.from_pretrained(falcon_dir, dtype=dtype).to(device).eval()
         return cls(
             sd=sd,

@@ -87,17 +87,20 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--size", type=int, default=1024, help="image side in pixels")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
 
     device = torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     side = args.size
     batch = [Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)) for _ in range(4)]
 
     print(f"safety checkers, {'full-size random' if args.full_size else 'tiny'}, {device} {dtype}, "
-          f"{side}x{side}, median of {args.repeats} (ms)")
+          f"{side}x{side}, {torch.get_num_threads()} thread(s), median of {args.repeats} (ms)")
     print(f"{'batch':>5}  {'flagged':>7}  {'sd preprocess':>13}  {'sd total':>8}  {'falcon total':>12}  "
           f"{'filter()':>8}  {'per image':>9}")
     with tempfile.TemporaryDirectory() as tmp:
