@@ -28,13 +28,13 @@ from transformers import (
 from transformers.image_processing_utils import BaseImageProcessor
 
 from flux_lora.errors import UserError
+from flux_lora.store import FALCON_DIR
+from flux_lora.store import SAFETY_CHECKER_DIR as SD_CHECKER_DIR
 
 log = logging.getLogger(__name__)
 # The SD checker's "a black image will be returned instead" warning is not what we do; we log our own.
 diffusers_logging.get_logger(StableDiffusionSafetyChecker.__module__).setLevel(logging.ERROR)
 
-SD_CHECKER_DIR = "safety-checker"
-FALCON_DIR = "falcon-nsfw"
 SAFE_LABEL = "normal"
 NSFW_MESSAGE = "All generated images contained NSFW content. Try running it again with a different prompt."
 

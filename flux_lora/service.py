@@ -52,6 +52,7 @@ class Service:
         import torch
 
         from flux_lora.pipelines import load_pipelines, pick_device
+        from flux_lora.safety import SafetyChecker
         from flux_lora.store import ensure_store
 
         self.variant = variant
@@ -59,9 +60,10 @@ class Service:
         self.baked_lora = baked_lora
         device, dtype = pick_device(settings.device)
         torch.set_grad_enabled(False)
-        # TODO(merge issue-5): safety=True once make-tiny writes the tiny checkers
-        ensure_store(settings.weights_dir, safety=False, offline=settings.offline)
+        ensure_store(settings.weights_dir, offline=settings.offline)
         self.pipelines = load_pipelines(settings.weights_dir, device, dtype)
+        safety_dtype = torch.float16 if device.type == "cuda" else dtype
+        self.safety = SafetyChecker.load(settings.weights_dir, device, safety_dtype)
         if baked_lora is not None:
             raise UserError("COG_WEIGHTS: LoRA loading is not available yet in this build (see README status)")
 
@@ -86,6 +88,7 @@ class Service:
     def predict(self, **inputs: Any) -> list[Path]:
         from flux_lora.outputs import save_images
         from flux_lora.pipelines import generate, prepare_inputs
+        from flux_lora.safety import safe_images
 
         start = time.perf_counter()
         request = self.request(inputs)
@@ -96,6 +99,7 @@ class Service:
             log.info("go_fast: fp8 and compilation are not available yet in this build; running the plain path")
         cond = prepare_inputs(request)
         images = generate(self.pipelines, request, cond)
+        images = safe_images(images, self.safety, disabled=request.disable_safety_checker)
         paths = save_images(images, request.output_format, request.output_quality)
         log.info(
             "Generated %d image(s) at %dx%d (%s, %s) in %.2fs",

@@ -24,6 +24,7 @@ from transformers import (
     T5TokenizerFast,
 )
 
+from flux_lora.safety import make_tiny_checkers
 from flux_lora.store import DEV_DIR, SCHNELL_DIR
 
 TEXT_DIM = 32  # CLIP hidden size == pooled_projection_dim; T5 d_model == joint_attention_dim
@@ -175,9 +176,5 @@ def make_tiny_store(root: Path, seed: int = 0) -> Path:
     schnell_scheduler().save_pretrained(schnell_dir / "scheduler")
     (schnell_dir / "model_index.json").write_text((root / DEV_DIR / "model_index.json").read_text())
 
-    try:  # TODO(merge issue-5): safety.make_tiny_checkers is on its branch
-        from flux_lora.safety import make_tiny_checkers
-    except ImportError:
-        return root
     make_tiny_checkers(root)
     return root

@@ -105,10 +105,7 @@ def main() -> None:
           f"{'filter()':>8}  {'per image':>9}")
     with tempfile.TemporaryDirectory() as tmp:
         for flag in ("never", "always"):
-            if args.full_size:
-                checker = full_size(device, dtype, flag)
-            else:
-                checker = tiny(device, dtype, flag, Path(tmp))
+            checker = full_size(device, dtype, flag) if args.full_size else tiny(device, dtype, flag, Path(tmp))
             for n in (1, 4):
                 print(row(checker, batch[:n], flagged=flag == "always", repeats=args.repeats))
 

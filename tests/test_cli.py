@@ -110,3 +110,31 @@ def test_schema_command_prints_the_schema(capsys: pytest.CaptureFixture[str]) ->
 
     assert main(["schema", "--predictor", "trained"]) == 0
     assert capsys.readouterr().out.strip() == schema_json("trained")
+
+
+@pytest.fixture
+def nsfw_store(tiny_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The tiny store with checkers rigged so both flag every image."""
+    import shutil
+
+    from flux_lora.safety import make_tiny_checkers
+
+    store = tmp_path / "nsfw-store"
+    shutil.copytree(tiny_store, store)
+    make_tiny_checkers(store, flag="always", falcon="nsfw")
+    monkeypatch.setenv("FLUX_LORA_WEIGHTS", str(store))
+    monkeypatch.setenv("FLUX_LORA_CACHE", str(tmp_path / "cache"))
+    return store
+
+
+def test_safety_checker_blocks_and_can_be_disabled(
+    nsfw_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["predict", "-o", str(tmp_path / "out"), *FAST, "-i", "prompt=x", "-i", "num_outputs=2"]
+    assert main(args) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: All generated images contained NSFW content. Try running it again with a different prompt."
+    )
+    assert not list((tmp_path / "out").glob("prediction-*/out-*")), "nothing is written for a blocked batch"
+    assert main([*args, "-i", "disable_safety_checker=true"]) == 0
+    assert len(list((tmp_path / "out").glob("prediction-*/out-*"))) == 2
