@@ -94,12 +94,21 @@ def server_env(store: Path, workdir: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
-def hotswap_server(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CogServer]:
-    workdir = tmp_path_factory.mktemp("hotswap")
-    server = CogServer("hotswap", workdir, server_env(tiny_store, workdir))
+def _serve(predictor: str, store: Path, factory: pytest.TempPathFactory) -> Iterator[CogServer]:
+    workdir = factory.mktemp(predictor)
+    server = CogServer(predictor, workdir, server_env(store, workdir))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def hotswap_server(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CogServer]:
+    yield from _serve("hotswap", tiny_store, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def trained_server(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CogServer]:
+    yield from _serve("trained", tiny_store, tmp_path_factory)
 
 
 def data_uri(image: Image.Image, fmt: str = "PNG") -> str:

@@ -3,26 +3,16 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
-from conftest import CogServer, data_uri, decode_output, server_env
+from conftest import CogServer, data_uri, decode_output
 from PIL import Image
 
 from flux_lora.schema import schema_json
 
 FAST = {"num_inference_steps": 2, "megapixels": "0.25"}
-
-
-@pytest.fixture(scope="module")
-def trained_server(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CogServer]:
-    workdir = tmp_path_factory.mktemp("trained")
-    server = CogServer("trained", workdir, server_env(tiny_store, workdir))
-    yield server
-    server.stop()
 
 
 def _ok(response: requests.Response) -> dict:
