@@ -503,14 +503,20 @@ class LoraManager:
         if cached is not None:
             return cached
         start = time.perf_counter()
-        path = self.resolve(ref)
+        try:
+            path = self.resolve(ref)
+        except LoraError:
+            raise
+        except UserError as exc:  # the cache's own message, tied to the input it came from
+            raise LoraError(f"{field}: {exc}") from None
         try:
             raw, metadata = read_lora(Path(path))
             lora = convert_lora(raw, self.names, metadata)
         except LoraError as exc:
             raise LoraError(f"{field}: the LoRA {ref!r} {exc}") from None
         self.cache.put(ref, lora)
-        log.info("Read LoRA %s (%s, %.1f MB) in %.2fs", ref, lora.format, lora.nbytes / 1e6, time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        log.info("Read LoRA %s (%s, %.1f MB) in %.2fs", ref, lora.format, lora.nbytes / 1e6, elapsed)
         return lora
 
     def wanted(

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flux_lora.errors import UserError
 from flux_lora.request import Request, build_request
 from flux_lora.settings import Settings
 
@@ -51,6 +50,8 @@ class Service:
     def __init__(self, variant: Variant, settings: Settings, baked_lora: str | None) -> None:
         import torch
 
+        from flux_lora.cache import WeightCache
+        from flux_lora.lora import LoraManager
         from flux_lora.pipelines import load_pipelines, pick_device
 
         self.variant = variant
@@ -59,8 +60,14 @@ class Service:
         device, dtype = pick_device(settings.device)
         torch.set_grad_enabled(False)
         self.pipelines = load_pipelines(settings.weights_dir, device, dtype)
-        if baked_lora is not None:
-            raise UserError("COG_WEIGHTS: LoRA loading is not available yet in this build (see README status)")
+        self.loras = LoraManager.for_pipelines(
+            self.pipelines,
+            WeightCache.from_settings(settings).fetch,
+            memory_bytes=settings.lora_memory_bytes,
+            hotswap_rank=settings.lora_hotswap_rank,
+        )
+        if baked_lora is not None:  # fetch and convert now: a broken COG_WEIGHTS fails setup, not requests
+            self.loras.converted(baked_lora, "COG_WEIGHTS")
 
     @classmethod
     def start(cls, variant: Variant, weights: str | Path | None = None) -> Service:
@@ -87,8 +94,10 @@ class Service:
         start = time.perf_counter()
         request = self.request(inputs)
         log.info("Using seed: %d", request.seed)
-        if request.main_lora or request.extra_lora:
-            raise UserError("replicate_weights/extra_lora: LoRA loading is not available yet in this build")
+        main_field = "replicate_weights" if self.variant.main_lora_per_request else "COG_WEIGHTS"
+        self.loras.apply(
+            request.model, self.loras.wanted(request.main_lora, request.extra_lora, request.go_fast, main_field)
+        )
         if request.go_fast:
             log.info("go_fast: fp8 and compilation are not available yet in this build; running the plain path")
         cond = prepare_inputs(request)
