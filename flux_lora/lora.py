@@ -129,7 +129,15 @@ class _Part:
 
 
 def _linears(model: nn.Module) -> dict[str, nn.Linear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    """Every linear layer by name; a layer peft already wrapped counts as its base layer."""
+    out: dict[str, nn.Linear] = {}
+    for name, module in model.named_modules():
+        base = getattr(module, "base_layer", None)
+        if isinstance(base, nn.Linear):
+            out[name] = base
+        elif isinstance(module, nn.Linear) and not {"base_layer", "lora_A", "lora_B"} & set(name.split(".")):
+            out[name] = module
+    return out
 
 
 def _split_rows(modules: dict[str, nn.Linear], names: list[str]) -> list[_Part]:
