@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from flux_lora.errors import UserError
+from flux_lora.refs import redact_url
 from flux_lora.request import LoraSpec
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,13 @@ SLOTS = ("main", "extra")
 
 class LoraError(UserError):
     """A LoRA file we cannot apply: wrong architecture, empty, unsupported variant, bad shapes."""
+
+
+def shown(ref: str) -> str:
+    """A reference as logs and errors may show it: no query strings, credentials or data: payloads."""
+    if ref.startswith("data:"):
+        return f"data: URI ({len(ref)} characters)"
+    return redact_url(ref)
 
 
 def effective_scale(scale: float, go_fast: bool) -> float:
@@ -431,7 +439,7 @@ class _Lru:
         self._items.move_to_end(key)
         while len(self._items) > 1 and sum(v.nbytes for v in self._items.values()) > self.max_bytes:
             evicted, _ = self._items.popitem(last=False)
-            log.info("LoRA memory cache: evicted %s", evicted)
+            log.info("LoRA memory cache: evicted %s", shown(evicted))
 
     def __contains__(self, key: str) -> bool:
         return key in self._items
@@ -521,10 +529,10 @@ class LoraManager:
             raw, metadata = read_lora(Path(path))
             lora = convert_lora(raw, self.names, metadata)
         except LoraError as exc:
-            raise LoraError(f"{field}: the LoRA {ref!r} {exc}") from None
+            raise LoraError(f"{field}: the LoRA {shown(ref)!r} {exc}") from None
         self.cache.put(ref, lora)
         elapsed = time.perf_counter() - start
-        log.info("Read LoRA %s (%s, %.1f MB) in %.2fs", ref, lora.format, lora.nbytes / 1e6, elapsed)
+        log.info("Read LoRA %s (%s, %.1f MB) in %.2fs", shown(ref), lora.format, lora.nbytes / 1e6, elapsed)
         return lora
 
     def wanted(
@@ -536,7 +544,7 @@ class LoraManager:
             out.append(Wanted("main", main_field, main.ref, effective_scale(main.scale, go_fast)))
         if extra is not None:
             if main is not None and extra.ref == main.ref:
-                log.warning("extra_lora is the same LoRA as the main one (%s): applying it once", extra.ref)
+                log.warning("extra_lora is the same LoRA as the main one (%s): applying it once", shown(extra.ref))
             else:
                 out.append(Wanted("extra", "extra_lora", extra.ref, effective_scale(extra.scale, go_fast)))
         return out
@@ -560,7 +568,7 @@ class LoraManager:
             self._activate(module, kind, scales)
         log.info(
             "LoRA %s on %s in %.3fs%s",
-            ", ".join(f"{w.slot}={w.ref}@{w.scale:g}" for w in wanted) or "none",
+            ", ".join(f"{w.slot}={shown(w.ref)}@{w.scale:g}" for w in wanted) or "none",
             model, time.perf_counter() - start, " (loaded)" if changed else "",
         )
 
@@ -590,7 +598,9 @@ class LoraManager:
             module.load_lora_adapter(dict(sd), prefix=None, adapter_name=slot, hotswap=True)
             return True
         except (ValueError, RuntimeError, KeyError) as exc:
-            log.warning("LoRA %s cannot hot-swap into %s (%s): slow path, a compiled model recompiles", ref, slot, exc)
+            log.warning(
+                "LoRA %s cannot hot-swap into %s (%s): slow path, a compiled model recompiles", shown(ref), slot, exc
+            )
             return False
 
     def _load(self, module: nn.Module, kind: str, slot: str, sd: dict[str, torch.Tensor]) -> None:

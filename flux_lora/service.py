@@ -66,8 +66,11 @@ class Service:
             memory_bytes=settings.lora_memory_bytes,
             hotswap_rank=settings.lora_hotswap_rank,
         )
-        if baked_lora is not None:  # fetch and convert now: a broken COG_WEIGHTS fails setup, not requests
-            self.loras.converted(baked_lora, "COG_WEIGHTS")
+        if baked_lora is not None:  # load now: a broken COG_WEIGHTS fails setup, and stays resident
+            from flux_lora.request import LoraSpec
+
+            for model in self.pipelines.transformers:
+                self.loras.apply(model, self.loras.wanted(LoraSpec(baked_lora, 1.0), None, False, "COG_WEIGHTS"))
 
     @classmethod
     def start(cls, variant: Variant, weights: str | Path | None = None) -> Service:
