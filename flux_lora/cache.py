@@ -115,8 +115,8 @@ class WeightCache:
             hit = self._touch(key)  # another process or thread may have finished it while we waited
             if hit is not None:
                 return hit
-            for stale in (self.root / "tmp").glob(f"{digest}.*"):
-                stale.unlink(missing_ok=True)
+            for stale in (self.root / "tmp").glob(f"{digest}.*"):  # left by a crash: we hold the key's lock
+                shutil.rmtree(stale, ignore_errors=True)
             final = self.root / "files" / f"{digest}.safetensors"
             staged = self.root / "tmp" / f"{digest}.{os.getpid()}.{uuid.uuid4().hex}"
             try:

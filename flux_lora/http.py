@@ -84,6 +84,11 @@ def _origin(url: str) -> tuple[str, str, int | None]:
     return parts.scheme, (parts.hostname or "").lower(), parts.port
 
 
+def resolve_host(host: str, port: int) -> list[str]:
+    """The addresses `host` resolves to (a seam tests replace to play a public host)."""
+    return [str(info[4][0]) for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)]
+
+
 def check_url(url: str, allow_private: bool) -> None:
     """Refuse non-http(s) URLs and, unless allowed, hosts resolving to non-public addresses."""
     parts = urlsplit(url)
@@ -92,11 +97,11 @@ def check_url(url: str, allow_private: bool) -> None:
     if allow_private:
         return
     try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port or 443, proto=socket.IPPROTO_TCP)
+        addresses = resolve_host(parts.hostname, parts.port or 443)
     except (socket.gaierror, UnicodeError):
         raise WeightsError(f"{redact_url(url)}: cannot resolve host {parts.hostname!r}") from None
-    for info in infos:
-        ip = ipaddress.ip_address(str(info[4][0]).split("%")[0])
+    for address in addresses:
+        ip = ipaddress.ip_address(address.split("%")[0])
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
             ip = ip.ipv4_mapped
         if not ip.is_global or ip.is_multicast or (ip.version == 4 and ip in _CGNAT):
@@ -202,32 +207,37 @@ class Downloader:
     def download(self, target: Target, dest: Path) -> int:
         """Write the file at `target` to `dest` (created or truncated); return its size in bytes."""
 
+        # The first request asks for the head of the file: a small file arrives whole in this one answer,
+        # a large one continues as the first part of the parallel download.
+        head = 2 * self.policy.part_bytes
+        first_range = f"bytes=0-{head - 1}" if self.policy.connections > 1 else "bytes=0-"
+
         def probe() -> tuple[requests.Response, str]:
-            return self._request(target, target.url, {"Range": "bytes=0-0", "Accept-Encoding": "identity"})
+            return self._request(target, target.url, {"Range": first_range, "Accept-Encoding": "identity"})
 
         response, final_url = self._retrying(target, probe)
         total, ranged = self._size_of(response, target)
-        if ranged or (total is not None and total > self.policy.max_bytes):
+        parallel = ranged and total is not None and total > head and self.policy.connections > 1
+        if total is not None and total > self.policy.max_bytes:
             response.close()
         self._check_size(total, target)
         progress = _Progress(target.what, total)
-        big = total is not None and total >= 2 * self.policy.part_bytes
-        if ranged and big and self.policy.connections > 1:
+        if parallel:
             assert total is not None
-            self._parallel(target, final_url, dest, total, progress)
+            self._parallel(target, final_url, dest, total, head, response, progress)
         else:
-            self._single(target, final_url, dest, total, ranged, None if ranged else response, progress)
+            self._single(target, final_url, dest, total, ranged, response, progress)
         progress.done()
         return dest.stat().st_size
 
     def _size_of(self, response: requests.Response, target: Target) -> tuple[int | None, bool]:
-        """(total size or None, whether ranges work) from the answer to a `Range: bytes=0-0` request."""
+        """(total size or None, whether ranges work) from the answer to a `Range: bytes=0-` request."""
         if response.headers.get("Content-Type", "").lower().startswith("text/html"):
             response.close()
             raise NotALoraError(f"{target.what}: the server sent an HTML page (a login or error page?), "
                                 "not a weights file")
         if response.status_code == 206:
-            match = re.fullmatch(r"bytes\s+0-0/(\d+)", response.headers.get("Content-Range", ""))
+            match = re.fullmatch(r"bytes\s+0-\d+/(\d+)", response.headers.get("Content-Range", ""))
             if match:
                 return int(match.group(1)), True
         length = response.headers.get("Content-Length")
@@ -298,10 +308,17 @@ class Downloader:
         finally:
             os.close(fd)
 
-    def _parallel(self, target: Target, url: str, dest: Path, total: int, progress: _Progress) -> None:
-        """Ranged parts in parallel threads, each written at its offset and retried on its own."""
-        parts = min(self.policy.connections, max(1, total // self.policy.part_bytes))
-        bounds = [(i * total // parts, (i + 1) * total // parts) for i in range(parts)]
+    def _parallel(self, target: Target, url: str, dest: Path, total: int, head: int,
+                  first: requests.Response, progress: _Progress) -> None:
+        """Ranged parts in parallel threads, each written at its offset and retried on its own.
+
+        Part 0 is the answer to the first request (bytes 0..head-1); the rest is split evenly.
+        """
+        rest = total - head
+        parts = min(self.policy.connections - 1, max(1, rest // self.policy.part_bytes))
+        bounds = [(0, head)]
+        bounds += [(head + i * rest // parts, head + (i + 1) * rest // parts) for i in range(parts)]
+        pending = {0: first}
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.ftruncate(fd, total)
         stop = threading.Event()
@@ -313,8 +330,10 @@ class Downloader:
                 nonlocal done
                 if stop.is_set():
                     raise WeightsError(f"{target.what}: cancelled")
-                headers = {"Range": f"bytes={start + done}-{end - 1}", "Accept-Encoding": "identity"}
-                response, _ = self._request(target, url, headers)
+                response = pending.pop(start, None) if done == 0 else None
+                if response is None:
+                    headers = {"Range": f"bytes={start + done}-{end - 1}", "Accept-Encoding": "identity"}
+                    response, _ = self._request(target, url, headers)
                 expected = f"bytes {start + done}-{end - 1}/"
                 content_range = response.headers.get("Content-Range", "")
                 if response.status_code != 206 or not content_range.startswith(expected):
@@ -332,12 +351,14 @@ class Downloader:
                 raise
 
         try:
-            with ThreadPoolExecutor(max_workers=parts, thread_name_prefix="flux-lora-dl") as pool:
+            with ThreadPoolExecutor(max_workers=len(bounds), thread_name_prefix="flux-lora-dl") as pool:
                 futures = [pool.submit(fetch, start, end) for start, end in bounds]
                 for future in futures:
                     future.result()
         finally:
             os.close(fd)
+            for response in pending.values():
+                response.close()
 
 
 class _Progress:

@@ -45,6 +45,8 @@ def redact_url(url: str) -> str:
     """The URL without its query string or credentials: safe to log and to show in errors."""
     parts = urlsplit(url)
     host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
     if parts.port:
         host = f"{host}:{parts.port}"
     return urlunsplit((parts.scheme, host, parts.path, "…" if parts.query else "", ""))

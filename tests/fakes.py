@@ -108,7 +108,7 @@ class FakeServer:
         self.url = f"http://{host}:{self._httpd.server_address[1]}"
         # Another spelling of the same origin, for tests of cross-host redirects.
         self.alt_url = f"http://localhost:{self._httpd.server_address[1]}"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True)
 
     def __enter__(self) -> FakeServer:
         self._thread.start()
