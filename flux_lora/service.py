@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flux_lora.errors import UserError
 from flux_lora.request import Request, build_request
 from flux_lora.settings import Settings
 
@@ -51,6 +50,8 @@ class Service:
     def __init__(self, variant: Variant, settings: Settings, baked_lora: str | None) -> None:
         import torch
 
+        from flux_lora.cache import WeightCache
+        from flux_lora.lora import LoraManager
         from flux_lora.pipelines import load_pipelines, pick_device
         from flux_lora.safety import SafetyChecker
         from flux_lora.store import ensure_store
@@ -64,8 +65,17 @@ class Service:
         self.pipelines = load_pipelines(settings.weights_dir, device, dtype)
         safety_dtype = torch.float16 if device.type == "cuda" else dtype
         self.safety = SafetyChecker.load(settings.weights_dir, device, safety_dtype)
-        if baked_lora is not None:
-            raise UserError("COG_WEIGHTS: LoRA loading is not available yet in this build (see README status)")
+        self.loras = LoraManager.for_pipelines(
+            self.pipelines,
+            WeightCache.from_settings(settings).fetch,
+            memory_bytes=settings.lora_memory_bytes,
+            hotswap_rank=settings.lora_hotswap_rank,
+        )
+        if baked_lora is not None:  # load now: a broken COG_WEIGHTS fails setup, and stays resident
+            from flux_lora.request import LoraSpec
+
+            for model in self.pipelines.transformers:
+                self.loras.apply(model, self.loras.wanted(LoraSpec(baked_lora, 1.0), None, False, "COG_WEIGHTS"))
 
     @classmethod
     def start(cls, variant: Variant, weights: str | Path | None = None) -> Service:
@@ -93,8 +103,10 @@ class Service:
         start = time.perf_counter()
         request = self.request(inputs)
         log.info("Using seed: %d", request.seed)
-        if request.main_lora or request.extra_lora:
-            raise UserError("replicate_weights/extra_lora: LoRA loading is not available yet in this build")
+        main_field = "replicate_weights" if self.variant.main_lora_per_request else "COG_WEIGHTS"
+        self.loras.apply(
+            request.model, self.loras.wanted(request.main_lora, request.extra_lora, request.go_fast, main_field)
+        )
         if request.go_fast:
             log.info("go_fast: fp8 and compilation are not available yet in this build; running the plain path")
         cond = prepare_inputs(request)

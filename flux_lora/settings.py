@@ -43,6 +43,8 @@ class Settings:
     download_connections: int = 8  # FLUX_LORA_DOWNLOAD_CONNECTIONS: parallel ranged requests per file
     download_timeout: float = 60.0  # FLUX_LORA_DOWNLOAD_TIMEOUT: seconds without data before a retry
     allow_private_urls: bool = False  # FLUX_LORA_ALLOW_PRIVATE_URLS: allow loopback/private hosts
+    lora_memory_bytes: int = 2 * 1024**3  # FLUX_LORA_MEMORY_CACHE_BYTES: converted LoRAs kept in RAM
+    lora_hotswap_rank: int | None = None  # FLUX_LORA_HOTSWAP_RANK: pad adapters to this rank (compiled)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -60,4 +62,6 @@ class Settings:
             download_connections=max(1, int(os.environ.get("FLUX_LORA_DOWNLOAD_CONNECTIONS") or 8)),
             download_timeout=float(os.environ.get("FLUX_LORA_DOWNLOAD_TIMEOUT") or 60),
             allow_private_urls=_flag("FLUX_LORA_ALLOW_PRIVATE_URLS"),
+            lora_memory_bytes=_size("FLUX_LORA_MEMORY_CACHE_BYTES", "2GiB"),
+            lora_hotswap_rank=int(os.environ.get("FLUX_LORA_HOTSWAP_RANK") or 0) or None,
         )
