@@ -51,7 +51,8 @@ class Service:
     def __init__(self, variant: Variant, settings: Settings, baked_lora: str | None) -> None:
         import torch
 
-        from flux_lora.pipelines import load_pipelines, pick_device
+        from flux_lora.fast import should_compile
+        from flux_lora.pipelines import load_fast_pipelines, load_pipelines, pick_device
 
         self.variant = variant
         self.settings = settings
@@ -59,6 +60,8 @@ class Service:
         device, dtype = pick_device(settings.device)
         torch.set_grad_enabled(False)
         self.pipelines = load_pipelines(settings.weights_dir, device, dtype)
+        # Both variants offer go_fast: fp8 copies are built (or read pre-quantized) and warmed at setup.
+        load_fast_pipelines(self.pipelines, settings.weights_dir, compile_=should_compile(device, settings.compile))
         if baked_lora is not None:
             raise UserError("COG_WEIGHTS: LoRA loading is not available yet in this build (see README status)")
 
@@ -89,8 +92,8 @@ class Service:
         log.info("Using seed: %d", request.seed)
         if request.main_lora or request.extra_lora:
             raise UserError("replicate_weights/extra_lora: LoRA loading is not available yet in this build")
-        if request.go_fast:
-            log.info("go_fast: fp8 and compilation are not available yet in this build; running the plain path")
+        if request.go_fast and self.pipelines.fast is not None:
+            log.info("go_fast: %s", self.pipelines.fast.fp8)
         cond = prepare_inputs(request)
         images = generate(self.pipelines, request, cond)
         paths = save_images(images, request.output_format, request.output_quality)

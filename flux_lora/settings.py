@@ -18,7 +18,7 @@ class Settings:
     weights_dir: Path  # FLUX_LORA_WEIGHTS: the base-model store
     cache_dir: Path  # FLUX_LORA_CACHE: the LoRA weight cache
     offline: bool  # FLUX_LORA_OFFLINE: never download base weights
-    compile: bool  # FLUX_LORA_COMPILE: torch.compile even on CPU
+    compile: bool | None  # FLUX_LORA_COMPILE: 1 compiles go_fast even on CPU, 0 never; unset: CUDA only
     device: str | None  # FLUX_LORA_DEVICE: force "cpu" or "cuda"
 
     @classmethod
@@ -29,6 +29,6 @@ class Settings:
             weights_dir=weights,
             cache_dir=Path(cache) if cache else weights / "lora-cache",
             offline=_flag("FLUX_LORA_OFFLINE"),
-            compile=_flag("FLUX_LORA_COMPILE"),
+            compile=_flag("FLUX_LORA_COMPILE") if os.environ.get("FLUX_LORA_COMPILE", "").strip() else None,
             device=os.environ.get("FLUX_LORA_DEVICE") or None,
         )
