@@ -83,6 +83,7 @@ def _quantizable(module: nn.Module, fqn: str) -> bool:
 def quantize_transformer(transformer: nn.Module, mode: Fp8Mode) -> Fp8Mode:
     """Quantize `transformer`'s block linears in place, one block at a time; returns the mode that ran.
 
+    On failure the module may be partly quantized: callers quantize a fresh copy and discard it.
     Block by block so that a CPU-loaded bf16 copy can be quantized on the GPU without ever holding
     the whole bf16 transformer there.
     """
@@ -264,12 +265,12 @@ def standard_shapes(text_tokens: int) -> list[WarmupShape]:
     """Every standard size (11 aspect ratios x 2 megapixel settings) as transformer token counts."""
     from flux_lora.request import ASPECT_RATIOS, MEGAPIXELS, size_for_aspect_ratio
 
-    shapes = []
-    for ratio in ASPECT_RATIOS:
-        for mp in MEGAPIXELS:
-            width, height = size_for_aspect_ratio(ratio, mp)
-            shapes.append(WarmupShape(1, (width // 16) * (height // 16), text_tokens))
-    return shapes
+    sizes = [size_for_aspect_ratio(ratio, mp) for ratio in ASPECT_RATIOS for mp in MEGAPIXELS]
+    # Portrait and landscape of one ratio share a token count: one call covers both.
+    tokens = dict.fromkeys((w // 16) * (h // 16) for w, h in sizes)
+    shapes = [WarmupShape(1, n, text_tokens) for n in tokens]
+    # A batch of 1 is specialised by dynamo (0/1 specialisation); one batch of 2 makes 2-4 symbolic.
+    return [*shapes, WarmupShape(2, shapes[0].image_tokens, text_tokens)]
 
 
 def dummy_inputs(transformer: nn.Module, shape: WarmupShape, device: torch.device, dtype: torch.dtype) -> dict:
