@@ -79,7 +79,7 @@ class Pipelines:
             self.residency.ensure(model)
 
 
-def _entry_points(text2img: dict[str, FluxPipeline], device: torch.device, dtype: torch.dtype) -> Pipelines:
+def entry_points(text2img: dict[str, FluxPipeline], device: torch.device, dtype: torch.dtype) -> Pipelines:
     """img2img and inpaint for each text2img pipeline, every component shared through from_pipe."""
     pipelines = Pipelines(
         text2img=text2img,
@@ -113,7 +113,7 @@ def load_pipelines(store: Path, device: torch.device, dtype: torch.dtype) -> Pip
     elif device.type != "cpu":
         dev.to(device)
         schnell_transformer.to(device)
-    pipelines = _entry_points({"dev": dev, "schnell": schnell}, device, dtype)
+    pipelines = entry_points({"dev": dev, "schnell": schnell}, device, dtype)
     pipelines.residency = residency
     log.info("Loaded FLUX.1 dev and schnell on %s (%s) in %.1fs", device, dtype, time.perf_counter() - start)
     return pipelines
@@ -171,7 +171,7 @@ def load_fast_pipelines(
     text2img = {
         name: FluxPipeline.from_pipe(pipe, transformer=transformers[name]) for name, pipe in pipelines.text2img.items()
     }
-    result = _entry_points(text2img, device, dtype)
+    result = entry_points(text2img, device, dtype)
     result.fp8 = "+".join(sorted(m.value for m in ran))
     pipelines.fast = result
     log.info(
