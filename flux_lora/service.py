@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flux_lora.errors import UserError
 from flux_lora.request import Request, build_request
 from flux_lora.settings import Settings
 
@@ -51,7 +50,9 @@ class Service:
     def __init__(self, variant: Variant, settings: Settings, baked_lora: str | None) -> None:
         import torch
 
+        from flux_lora.cache import WeightCache
         from flux_lora.fast import should_compile
+        from flux_lora.lora import LoraManager
         from flux_lora.pipelines import load_fast_pipelines, load_pipelines, pick_device
 
         self.variant = variant
@@ -61,9 +62,26 @@ class Service:
         torch.set_grad_enabled(False)
         self.pipelines = load_pipelines(settings.weights_dir, device, dtype)
         # Both variants offer go_fast: fp8 copies are built (or read pre-quantized) and warmed at setup.
-        load_fast_pipelines(self.pipelines, settings.weights_dir, compile_=should_compile(device, settings.compile))
-        if baked_lora is not None:
-            raise UserError("COG_WEIGHTS: LoRA loading is not available yet in this build (see README status)")
+        fast = load_fast_pipelines(
+            self.pipelines, settings.weights_dir, compile_=should_compile(device, settings.compile)
+        )
+        # One manager over the plain and the go_fast transformers (keys "dev", "dev:fast", ...) and the
+        # shared CLIP; where no fp8 runs, "dev:fast" is the plain module itself.
+        transformers = {**self.pipelines.transformers, **{f"{n}:fast": t for n, t in fast.transformers.items()}}
+        self.loras = LoraManager(
+            transformers,
+            self.pipelines.text2img["dev"].text_encoder,
+            WeightCache.from_settings(settings).fetch,
+            memory_bytes=settings.lora_memory_bytes,
+            hotswap_rank=settings.lora_hotswap_rank,
+        )
+        if baked_lora is not None:  # load now: a broken COG_WEIGHTS fails setup, and stays resident
+            from flux_lora.request import LoraSpec
+
+            for key in transformers:
+                go_fast = key.endswith(":fast")
+                spec = LoraSpec(baked_lora, 1.0)
+                self.loras.apply(key, self.loras.wanted(spec, None, go_fast, "COG_WEIGHTS"))
 
     @classmethod
     def start(cls, variant: Variant, weights: str | Path | None = None) -> Service:
@@ -90,8 +108,10 @@ class Service:
         start = time.perf_counter()
         request = self.request(inputs)
         log.info("Using seed: %d", request.seed)
-        if request.main_lora or request.extra_lora:
-            raise UserError("replicate_weights/extra_lora: LoRA loading is not available yet in this build")
+        main_field = "replicate_weights" if self.variant.main_lora_per_request else "COG_WEIGHTS"
+        key = f"{request.model}:fast" if request.go_fast else request.model
+        self.pipelines.prepare(request.model, request.go_fast)  # the bf16 slot first: adapters move with it
+        self.loras.apply(key, self.loras.wanted(request.main_lora, request.extra_lora, request.go_fast, main_field))
         if request.go_fast and self.pipelines.fast is not None:
             log.info("go_fast: %s", self.pipelines.fast.fp8)
         cond = prepare_inputs(request)

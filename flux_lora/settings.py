@@ -3,12 +3,29 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 
 def _flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+          "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "2147483648", "2GiB", "500 MB" (decimal k/M/G, binary KiB/MiB/GiB)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a size: {text!r} (use bytes, or a number with KiB/MiB/GiB or kB/MB/GB)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def _size(name: str, default: str) -> int:
+    return parse_size(os.environ.get(name) or default)
 
 
 @dataclass(frozen=True)
@@ -20,6 +37,14 @@ class Settings:
     offline: bool  # FLUX_LORA_OFFLINE: never download base weights
     compile: bool | None  # FLUX_LORA_COMPILE: 1 compiles go_fast even on CPU, 0 never; unset: CUDA only
     device: str | None  # FLUX_LORA_DEVICE: force "cpu" or "cuda"
+    cache_max_bytes: int = 20 * 1024**3  # FLUX_LORA_CACHE_MAX_BYTES: LRU byte budget of the LoRA cache
+    cache_min_free_bytes: int = 2 * 1024**3  # FLUX_LORA_CACHE_MIN_FREE_BYTES: evict to keep disk free
+    max_download_bytes: int = 2 * 1024**3  # FLUX_LORA_MAX_DOWNLOAD_BYTES: refuse larger LoRA downloads
+    download_connections: int = 8  # FLUX_LORA_DOWNLOAD_CONNECTIONS: parallel ranged requests per file
+    download_timeout: float = 60.0  # FLUX_LORA_DOWNLOAD_TIMEOUT: seconds without data before a retry
+    allow_private_urls: bool = False  # FLUX_LORA_ALLOW_PRIVATE_URLS: allow loopback/private hosts
+    lora_memory_bytes: int = 2 * 1024**3  # FLUX_LORA_MEMORY_CACHE_BYTES: converted LoRAs kept in RAM
+    lora_hotswap_rank: int | None = None  # FLUX_LORA_HOTSWAP_RANK: pad adapters to this rank (compiled)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -31,4 +56,12 @@ class Settings:
             offline=_flag("FLUX_LORA_OFFLINE"),
             compile=_flag("FLUX_LORA_COMPILE") if os.environ.get("FLUX_LORA_COMPILE", "").strip() else None,
             device=os.environ.get("FLUX_LORA_DEVICE") or None,
+            cache_max_bytes=_size("FLUX_LORA_CACHE_MAX_BYTES", "20GiB"),
+            cache_min_free_bytes=_size("FLUX_LORA_CACHE_MIN_FREE_BYTES", "2GiB"),
+            max_download_bytes=_size("FLUX_LORA_MAX_DOWNLOAD_BYTES", "2GiB"),
+            download_connections=max(1, int(os.environ.get("FLUX_LORA_DOWNLOAD_CONNECTIONS") or 8)),
+            download_timeout=float(os.environ.get("FLUX_LORA_DOWNLOAD_TIMEOUT") or 60),
+            allow_private_urls=_flag("FLUX_LORA_ALLOW_PRIVATE_URLS"),
+            lora_memory_bytes=_size("FLUX_LORA_MEMORY_CACHE_BYTES", "2GiB"),
+            lora_hotswap_rank=int(os.environ.get("FLUX_LORA_HOTSWAP_RANK") or 0) or None,
         )

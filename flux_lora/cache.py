@@ -1,0 +1,467 @@
+"""The LoRA weight cache: resolve a reference, download it once, verify it, keep it, evict by LRU.
+
+Layout of the cache directory (shared by every process and thread that uses it):
+
+    index.json            {cache_key: {ref, file, size, created, last_used}}: the LRU index, on disk
+    index.lock            guards index.json (a file lock: processes and threads alike)
+    files/<hash>.safetensors   verified LoRA files, one per cache key
+    locks/<hash>.lock     one per cache key: held while that key downloads, so it downloads once
+    tmp/<hash>.*          downloads in progress; renamed into files/ only after verification
+
+A crash mid-download leaves only a tmp file, removed by the next fetch of that key (or `clear`);
+the index never names a file that was not verified.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote_to_bytes
+
+from filelock import FileLock
+
+from flux_lora.errors import NotALoraError, WeightsAuthError, WeightsError, WeightsNotFound, WeightsTooLarge
+from flux_lora.http import Downloader, DownloadPolicy, Target
+from flux_lora.refs import (
+    CivitaiModelRef,
+    CivitaiVersionRef,
+    DataUri,
+    HttpUrl,
+    HuggingFaceRef,
+    LocalFile,
+    ReplicateDeliveryUrl,
+    ReplicateRef,
+    Source,
+    parse_ref,
+    redact_url,
+)
+from flux_lora.settings import Settings
+from flux_lora.weightfile import (
+    choose_lora,
+    extract_lora_from_tar,
+    file_kind,
+    verify_lora_file,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CacheEntry", "WeightCache", "WeightsError"]
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One cached, verified LoRA file."""
+
+    key: str
+    ref: str
+    path: Path
+    size: int
+    created: float
+    last_used: float
+
+
+def _env_url(name: str, default: str) -> str:
+    return (os.environ.get(name) or default).rstrip("/")
+
+
+class WeightCache:
+    """Turns LoRA references into verified local `.safetensors` files, cached on disk under LRU."""
+
+    def __init__(self, root: Path, policy: DownloadPolicy, max_bytes: int, min_free_bytes: int) -> None:
+        self.root = Path(root)
+        self.policy = policy
+        self.max_bytes = max_bytes
+        self.min_free_bytes = min_free_bytes
+        self.downloader = Downloader(policy)
+        for sub in ("files", "locks", "tmp"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._index_lock = FileLock(self.root / "index.lock")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> WeightCache:
+        policy = DownloadPolicy(
+            max_bytes=settings.max_download_bytes,
+            connections=settings.download_connections,
+            timeout=settings.download_timeout,
+            allow_private=settings.allow_private_urls,
+        )
+        return cls(settings.cache_dir, policy, settings.cache_max_bytes, settings.cache_min_free_bytes)
+
+    # --- public API -------------------------------------------------------------------------------------
+
+    def fetch(self, ref: str) -> Path:
+        """The verified local `.safetensors` for `ref`: from the cache, or downloaded once and cached."""
+        source = parse_ref(ref)
+        if isinstance(source, LocalFile) and not _is_archive_path(source.path):
+            path = Path(source.path).expanduser()
+            if not path.is_file():
+                raise WeightsNotFound(f"local LoRA file {source.path!r} does not exist")
+            verify_lora_file(path, f"local file {source.path!r}")
+            return path
+        key = _key_of(source)
+        digest = hashlib.sha256(key.encode()).hexdigest()[:32]
+        hit = self._touch(key)
+        if hit is not None:
+            return hit
+        with FileLock(self.root / "locks" / f"{digest}.lock"):
+            hit = self._touch(key)  # another process or thread may have finished it while we waited
+            if hit is not None:
+                return hit
+            for stale in (self.root / "tmp").glob(f"{digest}.*"):  # left by a crash: we hold the key's lock
+                shutil.rmtree(stale, ignore_errors=True)
+            final = self.root / "files" / f"{digest}.safetensors"
+            staged = self.root / "tmp" / f"{digest}.{os.getpid()}.{uuid.uuid4().hex}"
+            try:
+                self._make_room(0)
+                self._produce(source, staged)
+                os.replace(staged / "lora.safetensors", final)
+            finally:
+                shutil.rmtree(staged, ignore_errors=True)
+            self._add(key, _shown_ref(ref, source), final)
+            return final
+
+    def entries(self) -> list[CacheEntry]:
+        """The cached files, most recently used first."""
+        with self._index_lock:
+            index = self._read_index()
+        return sorted(
+            (self._entry(key, value) for key, value in index.items()),
+            key=lambda e: e.last_used,
+            reverse=True,
+        )
+
+    def clear(self) -> int:
+        """Remove every cached file (and leftover partial downloads); return how many files were removed."""
+        with self._index_lock:
+            index = self._read_index()
+            removed = 0
+            for value in index.values():
+                path = self.root / "files" / value["file"]
+                if path.exists():
+                    path.unlink()
+                    removed += 1
+            for orphan in (self.root / "files").iterdir():
+                orphan.unlink(missing_ok=True)
+            for leftover in (self.root / "tmp").iterdir():
+                if leftover.is_dir():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
+            self._write_index({})
+        return removed
+
+    # --- index ------------------------------------------------------------------------------------------
+
+    def _read_index(self) -> dict[str, dict]:
+        try:
+            data = json.loads((self.root / "index.json").read_text())
+        except FileNotFoundError:
+            return {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            log.warning("LoRA cache index %s is corrupt; starting a new one", self.root / "index.json")
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _write_index(self, index: dict[str, dict]) -> None:
+        tmp = self.root / f"index.json.{os.getpid()}.{uuid.uuid4().hex}"
+        tmp.write_text(json.dumps(index, indent=1, sort_keys=True))
+        os.replace(tmp, self.root / "index.json")
+
+    def _entry(self, key: str, value: dict) -> CacheEntry:
+        return CacheEntry(key, value["ref"], self.root / "files" / value["file"], value["size"],
+                          value["created"], value["last_used"])
+
+    def _touch(self, key: str) -> Path | None:
+        """The cached path of `key` after marking it used, or None (dropping an entry whose file is gone)."""
+        with self._index_lock:
+            index = self._read_index()
+            value = index.get(key)
+            if value is None:
+                return None
+            path = self.root / "files" / value["file"]
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                size = -1
+            if size != value["size"]:
+                log.warning("cached LoRA %s is missing or changed on disk; fetching it again", value["ref"])
+                del index[key]
+                path.unlink(missing_ok=True)
+                self._write_index(index)
+                return None
+            value["last_used"] = time.time()
+            self._write_index(index)
+            log.info("LoRA %s: cached at %s", value["ref"], path)
+            return path
+
+    def _add(self, key: str, ref: str, path: Path) -> None:
+        now = time.time()
+        with self._index_lock:
+            index = self._read_index()
+            index[key] = {"ref": ref, "file": path.name, "size": path.stat().st_size, "created": now,
+                          "last_used": now}
+            self._write_index(index)
+            self._evict(index, keep=key)
+
+    # --- eviction ---------------------------------------------------------------------------------------
+
+    def _free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def _make_room(self, incoming: int) -> None:
+        with self._index_lock:
+            self._evict(self._read_index(), keep=None, incoming=incoming)
+
+    def _evict(self, index: dict[str, dict], keep: str | None, incoming: int = 0) -> None:
+        """Drop least-recently-used entries until under the byte budget and above the free-disk floor.
+
+        Called with the index lock held. `keep` (the entry just added) is never evicted.
+        """
+        by_age = sorted((k for k in index if k != keep), key=lambda k: index[k]["last_used"])
+        total = sum(v["size"] for v in index.values()) + incoming
+        changed = False
+        while by_age and (total > self.max_bytes or self._free_bytes() - incoming < self.min_free_bytes):
+            victim = by_age.pop(0)
+            value = index.pop(victim)
+            (self.root / "files" / value["file"]).unlink(missing_ok=True)
+            total -= value["size"]
+            changed = True
+            log.info("evicted LoRA %s (%d bytes) from the cache", value["ref"], value["size"])
+        if changed:
+            self._write_index(index)
+
+    # --- producing a verified file ------------------------------------------------------------------
+
+    def _produce(self, source: Source, staged: Path) -> None:
+        """Leave the verified LoRA for `source` at `staged/lora.safetensors`."""
+        staged.mkdir(parents=True)
+        out = staged / "lora.safetensors"
+        what = _describe(source)
+        if isinstance(source, HuggingFaceRef):
+            self._from_hub(source, staged, out)
+        elif isinstance(source, DataUri):
+            self._unpack(_decode_data_uri(source.uri, self.policy.max_bytes, staged / "payload"), out, what)
+        elif isinstance(source, LocalFile):
+            self._unpack(Path(source.path).expanduser(), out, what)
+        else:
+            payload = staged / "payload"
+            self.downloader.download(self._target(source), payload)
+            self._unpack(payload, out, what)
+        verify_lora_file(out, what)
+
+    def _unpack(self, payload: Path, out: Path, what: str) -> None:
+        """Move a safetensors payload to `out`, or extract the LoRA from a tar/tar.gz payload into it."""
+        kind = file_kind(payload)
+        if kind in ("tar", "gzip"):
+            name = extract_lora_from_tar(payload, out, self.policy.max_bytes, what)
+            log.info("%s: using %s from the archive", what, name)
+            verify_lora_file(out, f"{what} ({name})")
+        else:
+            verify_lora_file(payload, what)
+            if payload.parent == out.parent:
+                os.replace(payload, out)
+            else:  # a local file of the user's: copied, never moved
+                shutil.copyfile(payload, out)
+
+    def _target(self, source: Source) -> Target:
+        """Where a Replicate, CivitAI or plain URL source downloads from."""
+        what = _describe(source)
+        if isinstance(source, ReplicateRef):
+            base = _env_url("FLUX_LORA_REPLICATE_URL", "https://replicate.com")
+            version = f"/versions/{source.version}" if source.version else ""
+            path = f"/{source.owner}/{source.model}{version}"
+            return Target(
+                f"{base}{path}/_weights", what, _bearer("REPLICATE_API_TOKEN"),
+                auth_hint="set REPLICATE_API_TOKEN to a token that can read this model",
+                not_found_hint="check the owner, model and version names",
+            )
+        if isinstance(source, CivitaiModelRef):
+            return self._civitai_model(source)
+        if isinstance(source, CivitaiVersionRef):
+            base = _env_url("FLUX_LORA_CIVITAI_URL", "https://civitai.com")
+            url = f"{base}/api/download/models/{source.version_id}"
+            return _civitai_download(url, what, source.version_id)
+        if isinstance(source, ReplicateDeliveryUrl | HttpUrl):
+            return Target(
+                source.url, what, auth_hint="the URL may need a signature, or its signature expired",
+                not_found_hint="check the URL",
+            )
+        raise AssertionError(f"no download target for {source!r}")
+
+    def _civitai_model(self, source: CivitaiModelRef) -> Target:
+        """Resolve a model id (not a version id) to its version's primary SafeTensor file."""
+        base = _env_url("FLUX_LORA_CIVITAI_URL", "https://civitai.com")
+        what = _describe(source)
+        model = self.downloader.get_json(Target(
+            f"{base}/api/v1/models/{source.model_id}", what, _bearer("CIVITAI_API_TOKEN"),
+            auth_hint="set CIVITAI_API_TOKEN to an API key that can read it",
+            not_found_hint=(
+                f"{source.model_id} is not a CivitAI model id; if it is a version id (modelVersionId), "
+                f"use civitai.com/api/download/models/{source.model_id}"
+            ),
+        ))
+        versions = model.get("modelVersions") if isinstance(model, dict) else None
+        if not versions:
+            raise WeightsNotFound(f"{what} has no versions")
+        if source.version_id is None:
+            version = versions[0]
+        else:
+            version = next((v for v in versions if v.get("id") == source.version_id), None)
+            if version is None:
+                ids = ", ".join(str(v.get("id")) for v in versions[:10])
+                raise WeightsNotFound(f"{what} has no version {source.version_id} (its versions: {ids})")
+        files = [
+            f for f in version.get("files", []) if (f.get("metadata") or {}).get("format") == "SafeTensor"
+        ]
+        if not files:
+            raise NotALoraError(f"{what} (version {version.get('id')}) has no SafeTensor file; "
+                                "pickle checkpoints are never loaded")
+        chosen = next((f for f in files if f.get("primary")), None) or next(
+            (f for f in files if f.get("type") == "Model"), files[0])
+        url = chosen.get("downloadUrl") or f"{base}/api/download/models/{version['id']}"
+        return _civitai_download(url, f"{what} version {version.get('id')}", version.get("id"))
+
+    def _from_hub(self, source: HuggingFaceRef, staged: Path, out: Path) -> None:
+        """Download through huggingface_hub (HF_ENDPOINT, HF_TOKEN), choosing the file if not named."""
+        from huggingface_hub import HfApi, hf_hub_download
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            GatedRepoError,
+            HfHubHTTPError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+
+        endpoint = os.environ.get("HF_ENDPOINT") or None
+        token = os.environ.get("HF_TOKEN") or None
+        what = _describe(source)
+        api = HfApi(endpoint=endpoint, token=token)
+        try:
+            filename = source.filename
+            sizes: dict[str, int | None] = {}
+            if filename is None:
+                files = [
+                    f for f in api.list_repo_tree(source.repo, revision=source.revision, recursive=True)
+                    if hasattr(f, "size")
+                ]
+                sizes = {f.path: f.size for f in files}
+
+                def names_of(path: str) -> list[str] | None:
+                    meta = api.parse_safetensors_file_metadata(source.repo, path, revision=source.revision)
+                    return list(meta.tensors)
+
+                filename = choose_lora(list(sizes), names_of, what)
+                log.info("%s: using %s", what, filename)
+            size = sizes.get(filename)
+            if size is not None and size > self.policy.max_bytes:
+                raise WeightsTooLarge(
+                    f"{what}: {filename} is {size} bytes, over the {self.policy.max_bytes}-byte limit "
+                    "(FLUX_LORA_MAX_DOWNLOAD_BYTES)"
+                )
+            local = hf_hub_download(
+                source.repo, filename, revision=source.revision, local_dir=staged / "hub", endpoint=endpoint,
+                token=token,
+            )
+        except GatedRepoError:
+            raise WeightsAuthError(f"{what} is gated: accept its terms on the Hub and set HF_TOKEN") from None
+        except RepositoryNotFoundError:
+            hint = "" if token else "; if it is private or gated, set HF_TOKEN"
+            raise WeightsNotFound(f"{what}: repository not found{hint}") from None
+        except RevisionNotFoundError:
+            raise WeightsNotFound(f"{what}: revision {source.revision!r} not found") from None
+        except EntryNotFoundError:
+            raise WeightsNotFound(f"{what}: file {source.filename!r} not found in the repository") from None
+        except HfHubHTTPError as exc:
+            status = exc.response.status_code if exc.response is not None else "?"
+            if status in (401, 403):
+                raise WeightsAuthError(f"{what}: access denied (HTTP {status}); set HF_TOKEN") from None
+            raise WeightsError(f"{what}: the Hub answered HTTP {status}") from None
+        except OSError as exc:
+            if isinstance(exc, WeightsError):
+                raise
+            raise WeightsError(f"{what}: download failed ({type(exc).__name__})") from None
+        os.replace(local, out)
+
+
+# --- helpers ---------------------------------------------------------------------------------------------
+
+
+def _bearer(env: str) -> dict[str, str]:
+    token = os.environ.get(env)
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _civitai_download(url: str, what: str, version_id: object) -> Target:
+    return Target(
+        url, what, _bearer("CIVITAI_API_TOKEN"),
+        auth_hint="this CivitAI model needs a login: set CIVITAI_API_TOKEN to your API key",
+        not_found_hint=(
+            f"{version_id} is not a CivitAI model version id; "
+            f"if it is a model id, use civitai.com/models/{version_id}"
+        ),
+    )
+
+
+def _key_of(source: Source) -> str:
+    if isinstance(source, LocalFile):  # an archive: keyed by its content's identity on disk
+        path = Path(source.path).expanduser().resolve()
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            raise WeightsNotFound(f"local LoRA file {source.path!r} does not exist") from None
+        return f"file:{path}:{stat.st_size}:{stat.st_mtime_ns}"
+    return source.cache_key
+
+
+def _is_archive_path(path: str) -> bool:
+    return path.lower().endswith((".tar", ".tar.gz", ".tgz"))
+
+
+def _describe(source: Source) -> str:
+    """How messages name a source: never with a query string or token."""
+    if isinstance(source, ReplicateRef):
+        version = f" version {source.version}" if source.version else ""
+        return f"Replicate model {source.owner}/{source.model}{version}"
+    if isinstance(source, HuggingFaceRef):
+        return f"huggingface.co/{source.repo}" + (f"/{source.filename}" if source.filename else "")
+    if isinstance(source, CivitaiModelRef):
+        return f"CivitAI model {source.model_id}"
+    if isinstance(source, CivitaiVersionRef):
+        return f"CivitAI model version {source.version_id}"
+    if isinstance(source, ReplicateDeliveryUrl | HttpUrl):
+        return redact_url(source.url)
+    if isinstance(source, DataUri):
+        return "the data: URI"
+    return f"local file {source.path!r}"
+
+
+def _shown_ref(ref: str, source: Source) -> str:
+    """The reference as `weights list` shows it: URLs without their query string."""
+    if isinstance(source, ReplicateDeliveryUrl | HttpUrl):
+        return redact_url(source.url)
+    if isinstance(source, DataUri):
+        return source.uri[:40] + ("..." if len(source.uri) > 40 else "")
+    return ref.strip()
+
+
+def _decode_data_uri(uri: str, max_bytes: int, dest: Path) -> Path:
+    """Write the payload of a `data:[<type>][;base64],<data>` URI to `dest`."""
+    header, sep, data = uri.partition(",")
+    if not sep:
+        raise NotALoraError("the data: URI has no ',' before its payload")
+    if len(data) > max_bytes * 4 // 3 + 4:
+        raise WeightsTooLarge(f"the data: URI is over the {max_bytes}-byte limit")
+    try:
+        payload = base64.b64decode(data, validate=False) if header.endswith(";base64") else unquote_to_bytes(data)
+    except ValueError:
+        raise NotALoraError("the data: URI is not valid base64") from None
+    dest.write_bytes(payload)
+    return dest

@@ -1,0 +1,380 @@
+"""LoRAs on the tiny FLUX through the Service (as cog runs it), `flux-lora predict` and the HTTP server.
+
+LoRA files are written from the tiny transformer's real names and shapes in every format and served
+from a loopback HTTP server through the real weight cache. Images are 64x64 img2img (the input size
+sets the output size) or 256x256 txt2img, 2 steps, PNG: pixel-exact comparisons.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lora_samples as S
+import numpy as np
+import pytest
+import requests
+import torch
+from fakes import FakeServer
+from PIL import Image
+
+from flux_lora.errors import UserError
+from flux_lora.lora import LoraError, LoraManager, ModelNames, _Lru, convert_lora, effective_scale
+from flux_lora.request import LoraSpec
+from flux_lora.service import HOTSWAP, TRAINED, Service
+from flux_lora.settings import Settings
+from flux_lora.tiny import make_tiny_store
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    return make_tiny_store(tmp_path_factory.mktemp("store"))
+
+
+@pytest.fixture(scope="module")
+def env(store, tmp_path_factory):
+    saved = dict(os.environ)
+    os.environ.update(
+        FLUX_LORA_WEIGHTS=str(store),
+        FLUX_LORA_CACHE=str(tmp_path_factory.mktemp("cache")),
+        FLUX_LORA_ALLOW_PRIVATE_URLS="1",
+    )
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def settings(env) -> Settings:
+    return Settings.from_env()
+
+
+@pytest.fixture(scope="module")
+def input_image(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("img") / "in.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+def run(service: Service, image: str | None = None, **inputs) -> np.ndarray:
+    """One prediction; 64x64 img2img when `image` is given, else 256x256 txt2img."""
+    size = {"image": image, "prompt_strength": 1.0} if image else {"aspect_ratio": "custom", "width": 256,
+                                                                   "height": 256}
+    paths = service.predict(prompt="a cat", num_inference_steps=2, seed=7, output_format="png",
+                            disable_safety_checker=True, **size, **inputs)
+    return np.asarray(Image.open(paths[0])).astype(np.int16)
+
+
+def differs(a: np.ndarray, b: np.ndarray) -> bool:
+    return float(np.abs(a - b).mean()) > 0.5
+
+
+@pytest.fixture(scope="module")
+def service(settings, input_image):
+    svc = Service(HOTSWAP, settings, None)
+    svc.base = run(svc, input_image)  # before any LoRA ever touched these pipelines
+    return svc
+
+
+@pytest.fixture(scope="module")
+def loras(service) -> dict[str, dict[str, torch.Tensor]]:
+    dev = service.pipelines.text2img["dev"]
+    tr, te = dev.transformer, dev.text_encoder
+    a, b = S.random_lora(tr, 1), S.random_lora(tr, 2)
+    attn = S.random_lora(tr, 3, only=("img_attn", "txt_attn"))
+    return {
+        "peft": S.as_peft(a, tr),
+        "peft_noprefix": S.as_peft(a, tr, prefix=""),
+        "kohya": S.as_kohya(a),
+        "comfyui": S.as_comfyui(a),
+        "mixture": S.as_mixture(a, tr),
+        "xlabs": S.as_xlabs(attn),
+        "xlabs_as_peft": S.as_peft(attn, tr),
+        "attn_b": S.as_peft(S.random_lora(tr, 6, only=("img_attn", "txt_attn")), tr),
+        "clip": S.clip_lora(te, 4),
+        "clip_kohya": S.clip_lora(te, 4, kohya=True),
+        "b": S.as_peft(b, tr),
+        "sdxl": S.sdxl_lora(),
+        "sd15": S.sd15_lora(),
+        "unmatched": S.unmatched_lora(),
+        "dora": S.dora_lora(tr),
+        "big": S.as_peft(S.random_lora(_wide_transformer(), 5), _wide_transformer()),
+    }
+
+
+def _wide_transformer():
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=16, num_attention_heads=4, joint_attention_dim=32,
+                                  pooled_projection_dim=32, axes_dims_rope=(4, 4, 8))
+
+
+@pytest.fixture(scope="module")
+def server(loras):
+    from safetensors.torch import save
+
+    with FakeServer() as srv:
+        for name, tensors in loras.items():
+            srv.add_file(f"/{name}.safetensors", save({k: v.contiguous() for k, v in tensors.items()}))
+        srv.add_file("/empty.safetensors", save({}))
+        yield srv
+
+
+def url(server: FakeServer, name: str) -> str:
+    return f"{server.url}/{name}.safetensors"
+
+
+# --------------------------------------------------------------------------- formats
+
+
+@pytest.mark.parametrize(
+    ("fmt", "same_as"),
+    [("peft", None), ("peft_noprefix", "peft"), ("kohya", "peft"), ("comfyui", "peft"), ("mixture", "peft"),
+     ("xlabs", "xlabs_as_peft"), ("clip", None), ("clip_kohya", "clip")],
+)
+def test_each_format_changes_the_image_and_means_the_same(service, server, input_image, fmt, same_as):
+    image = run(service, input_image, replicate_weights=url(server, fmt))
+    assert differs(image, service.base)
+    if same_as:  # the same adapter written in another format must give the same image
+        other = run(service, input_image, replicate_weights=url(server, same_as))
+        assert np.abs(image - other).max() <= 1
+
+
+def test_no_lora_and_scale_zero_give_the_base_image(service, server, input_image):
+    run(service, input_image, replicate_weights=url(server, "peft"), extra_lora=url(server, "clip"))
+    assert np.array_equal(run(service, input_image), service.base)
+    zero = run(service, input_image, replicate_weights=url(server, "peft"), lora_scale=0.0,
+               extra_lora=url(server, "clip"), extra_lora_scale=0.0)
+    assert np.array_equal(zero, service.base)
+
+
+def test_switching_back_returns_the_exact_image_without_reading_files_again(service, server, input_image):
+    a = run(service, input_image, replicate_weights=url(server, "peft"))
+    b = run(service, input_image, replicate_weights=url(server, "b"))
+    assert differs(a, b)
+    fetched = server.count("GET", "/peft.safetensors")
+    assert np.array_equal(run(service, input_image, replicate_weights=url(server, "peft")), a)
+    assert server.count("GET", "/peft.safetensors") == fetched  # from memory, not even the disk cache
+
+
+def test_main_plus_extra_differs_from_each_alone(service, server, input_image):
+    main = run(service, input_image, replicate_weights=url(server, "peft"))
+    extra = run(service, input_image, extra_lora=url(server, "b"))
+    both = run(service, input_image, replicate_weights=url(server, "peft"), extra_lora=url(server, "b"))
+    assert differs(both, main) and differs(both, extra) and differs(main, extra)
+
+
+def test_same_lora_as_main_and_extra_counts_once(service, server, input_image, caplog):
+    main = run(service, input_image, replicate_weights=url(server, "peft"))
+    with caplog.at_level(logging.WARNING, logger="flux_lora.lora"):
+        twice = run(service, input_image, replicate_weights=url(server, "peft"), extra_lora=url(server, "peft"))
+    assert np.array_equal(main, twice)
+    assert "same LoRA" in caplog.text
+
+
+def test_scale_only_change_changes_the_image_without_reloading(service, server, input_image):
+    one = run(service, input_image, replicate_weights=url(server, "kohya"), lora_scale=1.0)
+    loads = service.loras.loads
+    half = run(service, input_image, replicate_weights=url(server, "kohya"), lora_scale=0.5)
+    assert differs(one, half)
+    assert service.loras.loads == loads
+    assert np.array_equal(run(service, input_image, replicate_weights=url(server, "kohya"), lora_scale=1.0), one)
+    assert service.loras.loads == loads
+
+
+def test_go_fast_multiplies_scales_by_one_and_a_half(service):
+    wanted = service.loras.wanted(LoraSpec("a", 0.8), LoraSpec("b", -1.0), go_fast=True)
+    assert [(w.slot, w.scale) for w in wanted] == [("main", pytest.approx(1.2)), ("extra", -1.5)]
+    assert effective_scale(0.8, go_fast=False) == 0.8
+
+
+def test_txt2img_schnell_and_inpaint_take_the_same_adapters(service, server, input_image, tmp_path):
+    lora = url(server, "peft")
+    assert differs(run(service, replicate_weights=lora), run(service))
+    assert differs(run(service, input_image, model="schnell", replicate_weights=lora),
+                   run(service, input_image, model="schnell"))
+    mask = tmp_path / "mask.png"
+    Image.new("L", (64, 64), 255).save(mask)
+    assert differs(run(service, input_image, mask=str(mask), replicate_weights=lora),
+                   run(service, input_image, mask=str(mask)))
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [("sdxl", "SDXL"), ("sd15", "Stable Diffusion"), ("empty", "no tensors"), ("unmatched", "matches no module"),
+     ("dora", "DoRA"), ("big", "does not fit this model")],
+)
+def test_bad_loras_fail_clearly_and_the_next_request_works(service, server, input_image, name, message):
+    with pytest.raises(UserError, match=message) as info:
+        run(service, input_image, replicate_weights=url(server, "peft"), extra_lora=url(server, name))
+    assert str(info.value).startswith("extra_lora:")
+    assert np.array_equal(run(service, input_image), service.base)
+
+
+# --------------------------------------------------------------------------- conversion details
+
+
+def test_kohya_single_block_linear1_splits_into_q_k_v_mlp(service):
+    dev = service.pipelines.text2img["dev"]
+    names = ModelNames.of(dev.transformer, dev.text_encoder)
+    lora = S.random_lora(dev.transformer, 11, only=("single_blocks",))
+    converted = convert_lora(S.as_kohya(lora, alpha_ratio=0.25), names).transformer
+    down, up = lora["single_blocks.0.linear1"]
+    rows = {"attn.to_q": (0, 32), "attn.to_k": (32, 64), "attn.to_v": (64, 96), "proj_mlp": (96, 224)}
+    for module, (start, stop) in rows.items():
+        key = f"single_transformer_blocks.0.{module}"
+        torch.testing.assert_close(converted[f"{key}.lora_A.weight"], down)
+        torch.testing.assert_close(converted[f"{key}.lora_B.weight"], up[start:stop])
+
+
+def test_bfl_final_layer_modulation_swaps_shift_and_scale(service):
+    dev = service.pipelines.text2img["dev"]
+    names = ModelNames.of(dev.transformer, None)
+    up = torch.arange(64.0).reshape(64, 1)
+    converted = convert_lora({"lora_unet_final_layer_adaLN_modulation_1.lora_down.weight": torch.ones(1, 32),
+                              "lora_unet_final_layer_adaLN_modulation_1.lora_up.weight": up}, names).transformer
+    assert torch.equal(converted["norm_out.linear.lora_B.weight"], torch.cat([up[32:], up[:32]]))
+
+
+def test_lycoris_is_rejected_and_t5_parts_are_skipped(service, caplog):
+    dev = service.pipelines.text2img["dev"]
+    names = ModelNames.of(dev.transformer, dev.text_encoder)
+    with pytest.raises(LoraError, match="LyCORIS"):
+        convert_lora({"lora_unet_double_blocks_0_img_attn_qkv.lokr_w1": torch.ones(2, 2)}, names)
+    lora = S.as_kohya(S.random_lora(dev.transformer, 1, only=("img_attn.proj",)))
+    lora["lora_te2_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight"] = torch.ones(4, 32)
+    lora["lora_te2_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight"] = torch.ones(32, 4)
+    with caplog.at_level(logging.WARNING, logger="flux_lora.lora"):
+        converted = convert_lora(lora, names)
+    assert len(converted.transformer) == 2 and "T5" in caplog.text
+
+
+def test_memory_cache_is_bounded_and_keeps_the_newest(service):
+    dev = service.pipelines.text2img["dev"]
+    names = ModelNames.of(dev.transformer, None)
+    items = [convert_lora(S.as_peft(S.random_lora(dev.transformer, i), dev.transformer), names) for i in range(3)]
+    lru = _Lru(max_bytes=int(items[0].nbytes * 2.5))
+    for i, item in enumerate(items):
+        lru.put(str(i), item)
+    assert "0" not in lru and "1" in lru and "2" in lru
+    lru.get("1")
+    lru.put("3", items[0])
+    assert "1" in lru and "2" not in lru
+
+
+# --------------------------------------------------------------------------- variants and modes
+
+
+def test_trained_variant_keeps_its_main_lora_resident(settings, server, input_image):
+    svc = Service(TRAINED, settings, url(server, "peft"))
+    main = run(svc, input_image)
+    loads = svc.loras.loads
+    with_extra = run(svc, input_image, extra_lora=url(server, "b"))
+    assert differs(with_extra, main)
+    assert np.array_equal(run(svc, input_image), main)
+    assert svc.loras.loads == loads + 1  # only the extra was ever loaded after the main one
+
+
+def test_trained_variant_with_a_bad_cog_weights_fails_setup(settings, server):
+    with pytest.raises(UserError, match="^COG_WEIGHTS: .*SDXL"):
+        Service(TRAINED, settings, url(server, "sdxl"))
+
+
+def test_hotswap_into_padded_adapters_matches_the_plain_path(settings, server, input_image, service, caplog):
+    svc = Service(HOTSWAP, dataclasses.replace(settings, lora_hotswap_rank=8), None)
+    run(svc, input_image, replicate_weights=url(server, "xlabs"))
+    loads = svc.loras.loads
+    with caplog.at_level(logging.WARNING, logger="flux_lora.lora"):
+        swapped = run(svc, input_image, replicate_weights=url(server, "attn_b"))
+    assert "slow path" not in caplog.text and svc.loras.loads == loads + 1
+    assert np.abs(swapped - run(service, input_image, replicate_weights=url(server, "attn_b"))).max() <= 1
+    # No LoRA on a hot-swap model zeroes the adapter instead of removing it: still the base image.
+    assert np.array_equal(run(svc, input_image), service.base)
+    # A LoRA on modules the first one did not target (MLPs) cannot hot-swap: slow path, logged.
+    with caplog.at_level(logging.WARNING, logger="flux_lora.lora"):
+        run(svc, input_image, replicate_weights=url(server, "peft"))
+    assert "slow path" in caplog.text
+
+
+def test_manager_reloads_nothing_when_references_repeat(store, service, server):
+    from diffusers import FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel.from_pretrained(store / "FLUX.1-schnell", subfolder="transformer")
+    calls: list[str] = []
+
+    def resolve(ref: str) -> Path:
+        calls.append(ref)
+        return service.loras.resolve(ref)
+
+    manager = LoraManager({"schnell": transformer}, None, resolve)
+    for ref in ("peft", "peft", "b", "peft", "b"):
+        manager.apply("schnell", manager.wanted(LoraSpec(url(server, ref), 1.0), None, go_fast=False))
+    assert manager.loads == 4  # the repeat loads nothing; each switch loads from memory
+    assert calls == [url(server, "peft"), url(server, "b")]  # each file resolved and read once
+
+
+# --------------------------------------------------------------------------- cli and http
+
+
+def test_flux_lora_predict_command_applies_the_lora(settings, server, input_image, tmp_path, service):
+    from flux_lora.cli import main
+
+    args = ["predict", "-i", "prompt=a cat", "-i", f"image=@{input_image}", "-i", "prompt_strength=1.0",
+            "-i", "num_inference_steps=2", "-i", "seed=7", "-i", "output_format=png",
+            "-i", "disable_safety_checker=true", "-o", str(tmp_path / "out")]
+    assert main([*args, "-i", f"replicate_weights={url(server, 'mixture')}"]) == 0
+    image = np.asarray(Image.open(next((tmp_path / "out").rglob("*.png")))).astype(np.int16)
+    assert np.array_equal(image, run(service, input_image, replicate_weights=url(server, "mixture")))
+    assert main([*args, "-i", f"replicate_weights={url(server, 'sd15')}"]) == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_http_server_applies_loras_and_survives_a_bad_one(settings, server, input_image, service, tmp_path):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "flux_lora", "serve", "--port", str(port)], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if requests.get(f"{base_url}/health-check", timeout=2).json()["status"] == "READY":
+                    break
+            except (requests.ConnectionError, ValueError):
+                pass
+            time.sleep(0.5)
+        data_uri = "data:image/png;base64," + base64.b64encode(Path(input_image).read_bytes()).decode()
+        common = {"prompt": "a cat", "image": data_uri, "prompt_strength": 1.0, "num_inference_steps": 2,
+                  "seed": 7, "output_format": "png", "disable_safety_checker": True}
+
+        def predict(**inputs) -> dict:
+            answer = requests.post(f"{base_url}/predictions", json={"input": {**common, **inputs}}, timeout=120)
+            return answer.json()
+
+        good = predict(replicate_weights=url(server, "comfyui"))
+        assert good["status"] == "succeeded", good
+        payload = good["output"][0].split(",", 1)[1]
+        image = np.asarray(Image.open(io.BytesIO(base64.b64decode(payload)))).astype(np.int16)
+        assert np.array_equal(image, run(service, input_image, replicate_weights=url(server, "comfyui")))
+        bad = predict(replicate_weights=url(server, "sdxl"))
+        assert bad["status"] == "failed" and "SDXL" in bad["error"], json.dumps(bad)[:500]
+        assert predict()["status"] == "succeeded"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
