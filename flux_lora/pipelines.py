@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import (
@@ -24,6 +25,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from flux_lora.request import InputError, Mode, Request, fit_input_size
 from flux_lora.store import DEV_DIR, SCHNELL_DIR
+
+if TYPE_CHECKING:
+    from flux_lora.memory import Residency
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +47,42 @@ class Pipelines:
     inpaint: dict[str, FluxInpaintPipeline]
     device: torch.device
     dtype: torch.dtype
+    fast: Pipelines | None = None  # go_fast entry points (fp8 + compile), sharing everything else
+    fp8: str = "plain"  # which fp8 the transformers run (fast.Fp8Mode value)
+    residency: Residency | None = field(default=None, repr=False)  # CUDA: the one bf16 slot
 
     @property
     def transformers(self) -> dict[str, FluxTransformer2DModel]:
         return {name: pipe.transformer for name, pipe in self.text2img.items()}
 
-    def get(self, model: str, mode: Mode) -> DiffusionPipeline:
-        table = {Mode.TXT2IMG: self.text2img, Mode.IMG2IMG: self.img2img, Mode.INPAINT: self.inpaint}[mode]
+    def get(self, model: str, mode: Mode, go_fast: bool = False) -> DiffusionPipeline:
+        """The entry point for a request; go_fast covers every mode and size."""
+        source = self.fast if go_fast and self.fast is not None else self
+        table = {Mode.TXT2IMG: source.text2img, Mode.IMG2IMG: source.img2img, Mode.INPAINT: source.inpaint}[mode]
         return table[model]
+
+    def prepare(self, model: str, go_fast: bool) -> None:
+        """Put the transformer a request needs on the device (the bf16 slot; fp8 is always resident)."""
+        if self.residency is None:
+            return
+        runs = self.get(model, Mode.TXT2IMG, go_fast).transformer
+        if runs is self.text2img[model].transformer:
+            self.residency.ensure(model)
+
+
+def entry_points(text2img: dict[str, FluxPipeline], device: torch.device, dtype: torch.dtype) -> Pipelines:
+    """img2img and inpaint for each text2img pipeline, every component shared through from_pipe."""
+    pipelines = Pipelines(
+        text2img=text2img,
+        img2img={name: FluxImg2ImgPipeline.from_pipe(pipe, dtype=dtype) for name, pipe in text2img.items()},
+        inpaint={name: FluxInpaintPipeline.from_pipe(pipe, dtype=dtype) for name, pipe in text2img.items()},
+        device=device,
+        dtype=dtype,
+    )
+    for table in (pipelines.text2img, pipelines.img2img, pipelines.inpaint):
+        for pipe in table.values():
+            pipe.set_progress_bar_config(disable=True)
+    return pipelines
 
 
 def load_pipelines(store: Path, device: torch.device, dtype: torch.dtype) -> Pipelines:
@@ -62,24 +94,82 @@ def load_pipelines(store: Path, device: torch.device, dtype: torch.dtype) -> Pip
     )
     schnell_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(store / SCHNELL_DIR, subfolder="scheduler")
     schnell = FluxPipeline.from_pipe(dev, transformer=schnell_transformer, scheduler=schnell_scheduler, dtype=dtype)
-    if device.type != "cpu":
+    residency = None
+    if device.type == "cuda":
+        from flux_lora.memory import Residency
+
+        # Both bf16 transformers plus the fp8 copies exceed 80 GB: they share one GPU slot.
+        dev.to(device)
+        residency = Residency(device, {"dev": dev.transformer, "schnell": schnell_transformer}, resident="dev")
+    elif device.type != "cpu":
         dev.to(device)
         schnell_transformer.to(device)
-    for pipe in (dev, schnell):
-        pipe.set_progress_bar_config(disable=True)
-    text2img = {"dev": dev, "schnell": schnell}
-    pipelines = Pipelines(
-        text2img=text2img,
-        img2img={name: FluxImg2ImgPipeline.from_pipe(pipe, dtype=dtype) for name, pipe in text2img.items()},
-        inpaint={name: FluxInpaintPipeline.from_pipe(pipe, dtype=dtype) for name, pipe in text2img.items()},
-        device=device,
-        dtype=dtype,
-    )
-    for table in (pipelines.img2img, pipelines.inpaint):
-        for pipe in table.values():
-            pipe.set_progress_bar_config(disable=True)
+    pipelines = entry_points({"dev": dev, "schnell": schnell}, device, dtype)
+    pipelines.residency = residency
     log.info("Loaded FLUX.1 dev and schnell on %s (%s) in %.1fs", device, dtype, time.perf_counter() - start)
     return pipelines
+
+
+def load_fast_pipelines(
+    pipelines: Pipelines,
+    store: Path,
+    *,
+    compile_: bool,
+    capability: tuple[int, int] | None = None,
+    save_quantized: bool = True,
+    warmup: bool = True,
+    backend: str = "inductor",
+) -> Pipelines:
+    """go_fast: per model an fp8 transformer (and compiled blocks), all else shared with the plain path.
+
+    Sets `pipelines.fast` and returns it. Where no fp8 can run, go_fast shares the plain transformers
+    (compiled when asked), after a logged notice.
+    """
+    from flux_lora import fast
+
+    start = time.perf_counter()
+    device, dtype = pipelines.device, pipelines.dtype
+    mode = fast.fp8_mode(device, capability)
+    transformers: dict[str, FluxTransformer2DModel] = {}
+    ran = set()
+    for name, pipe in pipelines.text2img.items():
+        if mode is fast.Fp8Mode.NONE:
+            ran.add(fast.quantize_transformer(pipe.transformer, mode))  # the notice; nothing changes
+            transformers[name] = pipe.transformer
+            continue
+        source = store / (DEV_DIR if name == "dev" else SCHNELL_DIR)
+        config = pipe.transformer.config
+        transformer, got = fast.build_fast_transformer(
+            lambda config=config: FluxTransformer2DModel.from_config(config).to(dtype),
+            lambda source=source: FluxTransformer2DModel.from_pretrained(source, subfolder="transformer", dtype=dtype),
+            model=name, store=store, device=device, dtype=dtype, mode=mode, save=save_quantized,
+        )
+        transformers[name] = transformer if got is not fast.Fp8Mode.NONE else pipe.transformer
+        ran.add(got)
+    if compile_:
+        tag = f"{mode.value}-{str(dtype).removeprefix('torch.')}"
+        fast.configure_compile_cache(store)
+        fast.load_compile_artefacts(store, tag)
+        for transformer in transformers.values():
+            fast.compile_transformer(transformer, backend=backend)
+        if warmup:
+            for name, transformer in transformers.items():
+                shapes = fast.standard_shapes(text_tokens=512 if name == "dev" else 256)
+                seconds = fast.warm_up(transformer, shapes, device, dtype)
+                log.info("go_fast: %s warmed %d sizes in %.1fs", name, len(shapes), seconds)
+            if backend == "inductor":
+                fast.save_compile_artefacts(store, tag)
+    text2img = {
+        name: FluxPipeline.from_pipe(pipe, transformer=transformers[name], dtype=dtype)
+        for name, pipe in pipelines.text2img.items()
+    }
+    result = entry_points(text2img, device, dtype)
+    result.fp8 = "+".join(sorted(m.value for m in ran))
+    pipelines.fast = result
+    log.info(
+        "go_fast ready: %s%s in %.1fs", result.fp8, ", compiled" if compile_ else "", time.perf_counter() - start
+    )
+    return result
 
 
 def open_image(path: str, field: str, mode: str = "RGB") -> Image.Image:
@@ -119,7 +209,8 @@ def prepare_inputs(request: Request) -> Conditioning:
 
 def generate(pipelines: Pipelines, request: Request, cond: Conditioning, **extra: object) -> list[Image.Image]:
     """Run one batch of `num_outputs` images; the CPU generator makes seeds portable across runs."""
-    pipe = pipelines.get(request.model, request.mode)
+    pipelines.prepare(request.model, request.go_fast)
+    pipe = pipelines.get(request.model, request.mode, request.go_fast)
     kwargs: dict[str, object] = dict(
         prompt=request.prompt,
         num_images_per_prompt=request.num_outputs,

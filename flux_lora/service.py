@@ -51,8 +51,9 @@ class Service:
         import torch
 
         from flux_lora.cache import WeightCache
+        from flux_lora.fast import should_compile
         from flux_lora.lora import LoraManager
-        from flux_lora.pipelines import load_pipelines, pick_device
+        from flux_lora.pipelines import load_fast_pipelines, load_pipelines, pick_device
         from flux_lora.safety import SafetyChecker
         from flux_lora.store import ensure_store
 
@@ -65,8 +66,16 @@ class Service:
         self.pipelines = load_pipelines(settings.weights_dir, device, dtype)
         safety_dtype = torch.float16 if device.type == "cuda" else dtype
         self.safety = SafetyChecker.load(settings.weights_dir, device, safety_dtype)
-        self.loras = LoraManager.for_pipelines(
-            self.pipelines,
+        # Both variants offer go_fast: fp8 copies are built (or read pre-quantized) and warmed at setup.
+        fast = load_fast_pipelines(
+            self.pipelines, settings.weights_dir, compile_=should_compile(device, settings.compile)
+        )
+        # One manager over the plain and the go_fast transformers (keys "dev", "dev:fast", ...) and the
+        # shared CLIP; where no fp8 runs, "dev:fast" is the plain module itself.
+        transformers = {**self.pipelines.transformers, **{f"{n}:fast": t for n, t in fast.transformers.items()}}
+        self.loras = LoraManager(
+            transformers,
+            self.pipelines.text2img["dev"].text_encoder,
             WeightCache.from_settings(settings).fetch,
             memory_bytes=settings.lora_memory_bytes,
             hotswap_rank=settings.lora_hotswap_rank,
@@ -74,8 +83,10 @@ class Service:
         if baked_lora is not None:  # load now: a broken COG_WEIGHTS fails setup, and stays resident
             from flux_lora.request import LoraSpec
 
-            for model in self.pipelines.transformers:
-                self.loras.apply(model, self.loras.wanted(LoraSpec(baked_lora, 1.0), None, False, "COG_WEIGHTS"))
+            for key in transformers:
+                go_fast = key.endswith(":fast")
+                spec = LoraSpec(baked_lora, 1.0)
+                self.loras.apply(key, self.loras.wanted(spec, None, go_fast, "COG_WEIGHTS"))
 
     @classmethod
     def start(cls, variant: Variant, weights: str | Path | None = None) -> Service:
@@ -104,11 +115,11 @@ class Service:
         request = self.request(inputs)
         log.info("Using seed: %d", request.seed)
         main_field = "replicate_weights" if self.variant.main_lora_per_request else "COG_WEIGHTS"
-        self.loras.apply(
-            request.model, self.loras.wanted(request.main_lora, request.extra_lora, request.go_fast, main_field)
-        )
-        if request.go_fast:
-            log.info("go_fast: fp8 and compilation are not available yet in this build; running the plain path")
+        key = f"{request.model}:fast" if request.go_fast else request.model
+        self.pipelines.prepare(request.model, request.go_fast)  # the bf16 slot first: adapters move with it
+        self.loras.apply(key, self.loras.wanted(request.main_lora, request.extra_lora, request.go_fast, main_field))
+        if request.go_fast and self.pipelines.fast is not None:
+            log.info("go_fast: %s", self.pipelines.fast.fp8)
         cond = prepare_inputs(request)
         images = generate(self.pipelines, request, cond)
         images = safe_images(images, self.safety, disabled=request.disable_safety_checker)

@@ -35,7 +35,7 @@ class Settings:
     weights_dir: Path  # FLUX_LORA_WEIGHTS: the base-model store
     cache_dir: Path  # FLUX_LORA_CACHE: the LoRA weight cache
     offline: bool  # FLUX_LORA_OFFLINE: never download base weights
-    compile: bool  # FLUX_LORA_COMPILE: torch.compile even on CPU
+    compile: bool | None  # FLUX_LORA_COMPILE: 1 compiles go_fast even on CPU, 0 never; unset: CUDA only
     device: str | None  # FLUX_LORA_DEVICE: force "cpu" or "cuda"
     cache_max_bytes: int = 20 * 1024**3  # FLUX_LORA_CACHE_MAX_BYTES: LRU byte budget of the LoRA cache
     cache_min_free_bytes: int = 2 * 1024**3  # FLUX_LORA_CACHE_MIN_FREE_BYTES: evict to keep disk free
@@ -54,7 +54,7 @@ class Settings:
             weights_dir=weights,
             cache_dir=Path(cache) if cache else weights / "lora-cache",
             offline=_flag("FLUX_LORA_OFFLINE"),
-            compile=_flag("FLUX_LORA_COMPILE"),
+            compile=_flag("FLUX_LORA_COMPILE") if os.environ.get("FLUX_LORA_COMPILE", "").strip() else None,
             device=os.environ.get("FLUX_LORA_DEVICE") or None,
             cache_max_bytes=_size("FLUX_LORA_CACHE_MAX_BYTES", "20GiB"),
             cache_min_free_bytes=_size("FLUX_LORA_CACHE_MIN_FREE_BYTES", "2GiB"),

@@ -1,0 +1,306 @@
+"""go_fast: fp8 weights through torchao and regional torch.compile of the FLUX transformer.
+
+Which fp8 runs depends on the hardware, never on the request:
+- CUDA with compute capability >= 8.9 (Ada, Hopper): dynamic float8 activations and float8 weights,
+  per-row scales, so the block matmuls run on fp8 tensor cores;
+- anywhere else (older GPUs, CPU): float8 weight-only, half the weight memory, bf16/fp32 compute;
+  CI runs this path on CPU;
+- where neither can be built (torchao missing or failing): the plain weights, with a logged notice.
+
+LoRAs stay unmerged peft layers on top of the quantized linears (their matmuls run in the compute
+dtype), so a LoRA's effect is not rounded into fp8 and switching never rewrites base weights: no
+merge/unmerge drift. Compilation is regional (each repeated block once) with dynamic shapes, so
+every size and batch runs one graph; inductor's artefacts live under the weights store so the next
+cold start reuses them.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+MIN_DYNAMIC_CAPABILITY = (8, 9)  # fp8 tensor cores: Ada Lovelace and Hopper onwards
+FAST_DIR = "fast"  # under the weights store: pre-quantized transformers and compile caches
+BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
+
+
+class Fp8Mode(StrEnum):
+    DYNAMIC = "fp8-dynamic"  # float8 activations x float8 weights (per-row scales)
+    WEIGHT_ONLY = "fp8-weight-only"  # float8 weights, upcast for the matmul
+    NONE = "plain"  # no fp8 could be built: the model's own dtype
+
+
+def fp8_mode(device: torch.device, capability: tuple[int, int] | None = None) -> Fp8Mode:
+    """The best fp8 this device supports; `capability` overrides the CUDA query (tests, planning)."""
+    try:
+        import torchao.quantization  # noqa: F401
+    except ImportError:
+        return Fp8Mode.NONE
+    if device.type != "cuda":
+        return Fp8Mode.WEIGHT_ONLY
+    if capability is None:
+        capability = torch.cuda.get_device_capability(device)
+    return Fp8Mode.DYNAMIC if tuple(capability) >= MIN_DYNAMIC_CAPABILITY else Fp8Mode.WEIGHT_ONLY
+
+
+def torchao_config(mode: Fp8Mode) -> object | None:
+    """The torchao config for a mode (None for the plain path)."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig, PerRow
+
+    if mode is Fp8Mode.DYNAMIC:
+        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    if mode is Fp8Mode.WEIGHT_ONLY:
+        return Float8WeightOnlyConfig()
+    return None
+
+
+def _quantizable(module: nn.Module, fqn: str) -> bool:
+    """Linear layers inside the repeated blocks (>99% of the FLOPs) with fp8-friendly widths.
+
+    Embedders, norms and the final projection stay in the compute dtype: they are cheap and the
+    most sensitive to rounding.
+    """
+    return (
+        isinstance(module, nn.Linear)
+        and fqn.split(".", 1)[0] in BLOCK_LISTS
+        and module.in_features % 16 == 0
+        and module.out_features % 16 == 0
+    )
+
+
+def quantize_transformer(transformer: nn.Module, mode: Fp8Mode) -> Fp8Mode:
+    """Quantize `transformer`'s block linears in place, one block at a time; returns the mode that ran.
+
+    On failure the module may be partly quantized: callers quantize a fresh copy and discard it.
+    Block by block so that a CPU-loaded bf16 copy can be quantized on the GPU without ever holding
+    the whole bf16 transformer there.
+    """
+    if mode is Fp8Mode.NONE:
+        log.warning("go_fast: fp8 is not available here (torchao cannot run); go_fast runs the plain weights")
+        return mode
+    from torchao.quantization import quantize_
+
+    config = torchao_config(mode)
+    try:
+        for list_name in BLOCK_LISTS:
+            for index, block in enumerate(getattr(transformer, list_name)):
+                prefix = f"{list_name}.{index}."
+                quantize_(block, config, filter_fn=lambda m, fqn, p=prefix: _quantizable(m, p + fqn))
+    except (RuntimeError, NotImplementedError, ValueError, AssertionError) as exc:
+        log.warning("go_fast: %s failed (%s); go_fast runs the plain weights", mode.value, exc)
+        return Fp8Mode.NONE
+    return mode
+
+
+def quantized_linears(transformer: nn.Module) -> int:
+    """How many linear layers hold torchao float8 weights (the tests and the benchmark check it)."""
+    from torchao.quantization import Float8Tensor
+
+    return sum(
+        isinstance(getattr(m, "weight", None), Float8Tensor) for m in transformer.modules() if isinstance(m, nn.Linear)
+    )
+
+
+# --------------------------------------------------------------------------- pre-quantized copies
+
+
+def fast_dir(store: Path) -> Path:
+    return store / FAST_DIR
+
+
+def prequantized_path(store: Path, model: str, mode: Fp8Mode, dtype: torch.dtype) -> Path:
+    """Where a quantized state dict is kept; the name pins everything that changes its bytes."""
+    import torchao
+
+    dtype_name = str(dtype).removeprefix("torch.")
+    return fast_dir(store) / f"{model}-{mode.value}-{dtype_name}-torch{torch.__version__}-ao{torchao.__version__}.pt"
+
+
+def _save_atomic(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Write beside the target, rename when complete: a half-written file is never loaded."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".incomplete")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def build_fast_transformer(
+    make_empty: Callable[[], nn.Module],
+    load_plain: Callable[[], nn.Module],
+    *,
+    model: str,
+    store: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    mode: Fp8Mode,
+    save: bool = True,
+) -> tuple[nn.Module, Fp8Mode]:
+    """The fp8 transformer for `model`: from the store's pre-quantized copy, else quantized now.
+
+    `make_empty` builds the architecture without allocating (on the meta device); `load_plain` loads
+    the plain weights (on CPU, so the GPU never holds a second bf16 copy). The quantized state dict is
+    saved after the first quantization so later cold starts skip it.
+    """
+    start = time.perf_counter()
+    if mode is Fp8Mode.NONE:
+        raise ValueError("build_fast_transformer needs an fp8 mode; the plain path reuses the plain transformer")
+    path = prequantized_path(store, model, mode, dtype)
+    with FileLock(str(path) + ".lock"):
+        if path.is_file():
+            with torch.device("meta"):
+                transformer = make_empty()
+            state = torch.load(path, map_location=device, weights_only=True, mmap=True)
+            transformer.load_state_dict(state, assign=True)
+            log.info("go_fast: loaded pre-quantized %s (%s) in %.1fs", model, mode.value, time.perf_counter() - start)
+            return transformer.eval(), mode
+        transformer = load_plain().eval()
+        transformer.to(device)
+        ran = quantize_transformer(transformer, mode)
+        if ran is not Fp8Mode.NONE and save:
+            _save_atomic(transformer.state_dict(), path)
+    log.info("go_fast: quantized %s (%s) in %.1fs", model, ran.value, time.perf_counter() - start)
+    return transformer, ran
+
+
+def quantized_copy(transformer: nn.Module, mode: Fp8Mode) -> tuple[nn.Module, Fp8Mode]:
+    """A quantized deep copy (stores without files on disk, tests); the original stays plain."""
+    clone = copy.deepcopy(transformer).eval()
+    return clone, quantize_transformer(clone, mode)
+
+
+# --------------------------------------------------------------------------- compilation
+
+
+def should_compile(device: torch.device, requested: bool | None) -> bool:
+    """On by default on CUDA; on CPU only when asked for (FLUX_LORA_COMPILE=1)."""
+    if requested is not None:
+        return requested
+    return device.type == "cuda"
+
+
+def configure_compile_cache(store: Path) -> Path:
+    """Point inductor's and triton's on-disk caches into the weights store (an operator's env wins)."""
+    root = fast_dir(store) / "compile-cache"
+    root.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(root / "triton"))
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+    return root
+
+
+def _artefacts_path(store: Path, tag: str) -> Path:
+    device = torch.cuda.get_device_name().replace(" ", "_") if torch.cuda.is_available() else "cpu"
+    return fast_dir(store) / "compile-cache" / f"mega-{tag}-{device}-torch{torch.__version__}.bin"
+
+
+def load_compile_artefacts(store: Path, tag: str) -> bool:
+    """Preload a previous run's compiled artefacts (torch.compiler's portable cache). True if found."""
+    path = _artefacts_path(store, tag)
+    if not path.is_file():
+        return False
+    try:
+        torch.compiler.load_cache_artifacts(path.read_bytes())
+    except Exception as exc:  # a cache from another build is only a missed shortcut
+        log.warning("go_fast: ignoring compile cache %s (%s)", path.name, exc)
+        return False
+    log.info("go_fast: reusing compile cache %s", path.name)
+    return True
+
+
+def save_compile_artefacts(store: Path, tag: str) -> Path | None:
+    """Persist what this process compiled so the next cold start skips most of it."""
+    saved = torch.compiler.save_cache_artifacts()
+    if saved is None:
+        return None
+    data, _info = saved
+    path = _artefacts_path(store, tag)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".incomplete")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
+
+
+def compile_transformer(transformer: nn.Module, backend: str = "inductor") -> None:
+    """Regional compile: each block class compiles once and serves every repetition of it.
+
+    dynamic=True makes the sequence length (image size) and batch symbolic, so the 22 standard sizes,
+    custom sizes and img2img inputs all run the same graphs; fullgraph catches silent graph breaks.
+    """
+    kwargs = dict(fullgraph=True, dynamic=True, backend=backend)
+    if hasattr(transformer, "compile_repeated_blocks"):
+        transformer.compile_repeated_blocks(**kwargs)
+        return
+    for list_name in BLOCK_LISTS:  # older diffusers: the same regions by hand
+        for block in getattr(transformer, list_name):
+            block.compile(**kwargs)
+
+
+# --------------------------------------------------------------------------- warm-up
+
+
+@dataclass(frozen=True)
+class WarmupShape:
+    """One transformer call's shape: batch, image tokens, text tokens."""
+
+    batch: int
+    image_tokens: int
+    text_tokens: int
+
+
+def standard_shapes(text_tokens: int) -> list[WarmupShape]:
+    """Every standard size (11 aspect ratios x 2 megapixel settings) as transformer token counts."""
+    from flux_lora.request import ASPECT_RATIOS, MEGAPIXELS, size_for_aspect_ratio
+
+    sizes = [size_for_aspect_ratio(ratio, mp) for ratio in ASPECT_RATIOS for mp in MEGAPIXELS]
+    # Portrait and landscape of one ratio share a token count: one call covers both.
+    tokens = dict.fromkeys((w // 16) * (h // 16) for w, h in sizes)
+    shapes = [WarmupShape(1, n, text_tokens) for n in tokens]
+    # A batch of 1 is specialised by dynamo (0/1 specialisation); one batch of 2 makes 2-4 symbolic.
+    return [*shapes, WarmupShape(2, shapes[0].image_tokens, text_tokens)]
+
+
+def dummy_inputs(transformer: nn.Module, shape: WarmupShape, device: torch.device, dtype: torch.dtype) -> dict:
+    """Random inputs of a real call's shapes for `transformer` (warm-up, checks, the benchmark)."""
+    config = transformer.config
+    gen = torch.Generator("cpu").manual_seed(0)
+
+    def rand(*size: int) -> torch.Tensor:
+        return torch.randn(*size, generator=gen).to(device=device, dtype=dtype)
+
+    inputs = dict(
+        hidden_states=rand(shape.batch, shape.image_tokens, config.in_channels),
+        encoder_hidden_states=rand(shape.batch, shape.text_tokens, config.joint_attention_dim),
+        pooled_projections=rand(shape.batch, config.pooled_projection_dim),
+        timestep=torch.full((shape.batch,), 0.5, device=device, dtype=dtype),
+        img_ids=torch.zeros(shape.image_tokens, 3, device=device, dtype=dtype),
+        txt_ids=torch.zeros(shape.text_tokens, 3, device=device, dtype=dtype),
+        return_dict=False,
+    )
+    if config.guidance_embeds:
+        inputs["guidance"] = torch.full((shape.batch,), 3.5, device=device, dtype=dtype)
+    return inputs
+
+
+def warm_up(transformer: nn.Module, shapes: list[WarmupShape], device: torch.device, dtype: torch.dtype) -> float:
+    """Run the transformer once per shape so compilation happens at setup, not in a prediction."""
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for shape in shapes:
+            transformer(**dummy_inputs(transformer, shape, device, dtype))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start

@@ -1,0 +1,288 @@
+"""go_fast on the tiny store, on CPU: torchao float8 weight-only (the path CI can run), LoRAs on top.
+
+Bounds (measured on the tiny random store, then given ~2x headroom): one transformer call under
+fp8 weight-only is within 8% relative L2 of the plain output (measured 3.5%); decoded images differ
+by at most 3 of 255 levels on average (measured 0.07).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flux_lora import fast
+from flux_lora.fast import Fp8Mode, WarmupShape
+from flux_lora.pipelines import generate, load_fast_pipelines, load_pipelines, prepare_inputs
+from flux_lora.request import Mode, build_request
+from flux_lora.settings import Settings
+from flux_lora.tiny import make_tiny_store
+
+CPU = torch.device("cpu")
+REL_L2_BOUND = 0.08
+IMAGE_MEAN_ABS_BOUND = 3.0
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_store(tmp_path_factory.mktemp("store"))
+
+
+@pytest.fixture(scope="module")
+def pipelines(store: Path):
+    pipelines = load_pipelines(store, CPU, torch.float32)
+    load_fast_pipelines(pipelines, store, compile_=False)
+    return pipelines
+
+
+SMALL = WarmupShape(1, 64, 8)
+
+
+def call(transformer: torch.nn.Module, shape: WarmupShape = SMALL) -> torch.Tensor:
+    with torch.inference_mode():
+        return transformer(**fast.dummy_inputs(transformer, shape, CPU, torch.float32))[0]
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def block_linears(transformer: torch.nn.Module) -> list[str]:
+    return [
+        name
+        for name, m in transformer.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.split(".", 1)[0] in fast.BLOCK_LISTS and "lora_" not in name
+        and not name.endswith("base_layer")
+    ]
+
+
+# ----------------------------------------------------------------------------- choosing the fp8
+
+
+@pytest.mark.parametrize(
+    ("device", "capability", "expected"),
+    [
+        ("cuda", (9, 0), Fp8Mode.DYNAMIC),  # H100
+        ("cuda", (8, 9), Fp8Mode.DYNAMIC),  # L40S / RTX 4090
+        ("cuda", (8, 0), Fp8Mode.WEIGHT_ONLY),  # A100: no fp8 tensor cores
+        ("cpu", None, Fp8Mode.WEIGHT_ONLY),
+    ],
+)
+def test_fp8_mode_follows_compute_capability(device: str, capability: tuple[int, int] | None, expected: Fp8Mode):
+    assert fast.fp8_mode(torch.device(device), capability) is expected
+
+
+def test_without_torchao_go_fast_is_the_plain_model_with_a_notice(
+    store: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)  # import fails as if not installed
+    assert fast.fp8_mode(CPU) is Fp8Mode.NONE
+    plain = load_pipelines(store, CPU, torch.float32)
+    with caplog.at_level(logging.WARNING, logger="flux_lora"):
+        fast_ = load_fast_pipelines(plain, store, compile_=False)
+    assert "fp8 is not available" in caplog.text
+    assert fast_.fp8 == "plain"
+    assert fast_.text2img["dev"].transformer is plain.text2img["dev"].transformer
+
+
+def test_fp8_that_fails_to_build_falls_back_with_a_notice(caplog: pytest.LogCaptureFixture):
+    """Dynamic fp8 forced onto a CPU (as if the capability check had said yes): torchao refuses it."""
+    from flux_lora.tiny import tiny_transformer
+
+    with caplog.at_level(logging.WARNING, logger="flux_lora"):
+        ran = fast.quantize_transformer(tiny_transformer(True), Fp8Mode.DYNAMIC)
+    assert ran is Fp8Mode.NONE
+    assert "fp8-dynamic failed" in caplog.text
+
+
+# ----------------------------------------------------------------------------- the fast pipelines
+
+
+def test_go_fast_quantizes_every_block_linear_and_shares_the_rest(pipelines):
+    fast_ = pipelines.fast
+    assert fast_.fp8 == Fp8Mode.WEIGHT_ONLY.value
+    for model in ("dev", "schnell"):
+        plain_t, fast_t = pipelines.text2img[model].transformer, fast_.text2img[model].transformer
+        assert fast_t is not plain_t
+        assert fast.quantized_linears(fast_t) == len(block_linears(fast_t)) > 0
+        assert fast.quantized_linears(plain_t) == 0  # the plain path keeps its weights
+        for mode in Mode:
+            pipe = pipelines.get(model, mode, go_fast=True)
+            assert pipe.transformer is fast_t
+            assert pipe.vae is pipelines.text2img["dev"].vae
+            assert pipe.text_encoder_2 is pipelines.text2img["dev"].text_encoder_2
+    assert fast_.text2img["schnell"].scheduler.config.shift == 1.0  # schnell keeps its own scheduler
+
+
+def test_fp8_transformer_output_is_close_to_plain(pipelines):
+    for model in ("dev", "schnell"):
+        plain = call(pipelines.text2img[model].transformer)
+        quick = call(pipelines.fast.text2img[model].transformer)
+        assert 0 < rel_l2(quick, plain) < REL_L2_BOUND
+
+
+def _image(path: Path, size: tuple[int, int], seed: int) -> str:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["txt2img", "custom", "img2img", "inpaint"])
+def test_go_fast_runs_every_mode_close_to_plain(pipelines, tmp_path: Path, case: str):
+    # The smallest sizes keep the tiny VAE cheap; sizes come from the same request rules either way.
+    inputs: dict[str, object] = dict(
+        prompt="a photo of a cat", seed=7, num_inference_steps=3, aspect_ratio="custom", width=256, height=256
+    )
+    if case == "custom":
+        inputs.update(width=272, height=336)
+    if case in ("img2img", "inpaint"):
+        inputs["image"] = _image(tmp_path / "in.png", (200, 150), 1)
+    if case == "inpaint":
+        mask = np.zeros((150, 200), dtype=np.uint8)
+        mask[:, 100:] = 255
+        Image.fromarray(mask).save(tmp_path / "mask.png")
+        inputs["mask"] = str(tmp_path / "mask.png")
+    plain_req = build_request(**inputs)
+    fast_req = build_request(go_fast=True, **inputs)
+    plain_img = np.asarray(generate(pipelines, plain_req, prepare_inputs(plain_req))[0], dtype=np.float64)
+    fast_img = np.asarray(generate(pipelines, fast_req, prepare_inputs(fast_req))[0], dtype=np.float64)
+    assert plain_img.shape == fast_img.shape
+    assert np.abs(plain_img - fast_img).mean() <= IMAGE_MEAN_ABS_BOUND
+
+
+def test_prequantized_copy_is_saved_once_and_reloaded_identically(store: Path, pipelines):
+    files = sorted((store / fast.FAST_DIR).glob("*.pt"))
+    assert {f.name.split("-", 1)[0] for f in files} == {"dev", "schnell"}
+    assert not list((store / fast.FAST_DIR).glob("*.incomplete"))
+    stamp = {f: f.stat().st_mtime_ns for f in files}
+    again = load_pipelines(store, CPU, torch.float32)
+    load_fast_pipelines(again, store, compile_=False)
+    assert {f: f.stat().st_mtime_ns for f in files} == stamp  # read, not rewritten
+    reloaded = again.fast.text2img["dev"].transformer
+    assert fast.quantized_linears(reloaded) > 0
+    assert torch.equal(call(reloaded), call(pipelines.fast.text2img["dev"].transformer))
+
+
+# ----------------------------------------------------------------------------- LoRAs under fp8
+
+
+def random_lora(transformer: torch.nn.Module, seed: int, rank: int = 4) -> dict[str, torch.Tensor]:
+    """A peft-format LoRA on every block linear of `transformer`'s architecture."""
+    gen = torch.Generator().manual_seed(seed)
+    modules = dict(transformer.named_modules())
+    sd = {}
+    for name in block_linears(transformer):
+        linear = modules[name]
+        sd[f"{name}.lora_A.weight"] = torch.randn(rank, linear.in_features, generator=gen) * 0.2
+        sd[f"{name}.lora_B.weight"] = torch.randn(linear.out_features, rank, generator=gen) * 0.2
+    return sd
+
+
+@pytest.mark.filterwarnings("ignore:TorchaoLoraLinear:UserWarning")  # merge() refused: we never merge
+def test_lora_effect_under_fp8_points_the_same_way_as_plain(store: Path):
+    fresh = load_pipelines(store, CPU, torch.float32)
+    load_fast_pipelines(fresh, store, compile_=False)
+    plain_t, fast_t = fresh.text2img["dev"].transformer, fresh.fast.text2img["dev"].transformer
+    lora = random_lora(plain_t, seed=1)
+    quantized = fast.quantized_linears(fast_t)
+    base_plain, base_fast = call(plain_t), call(fast_t)
+    for transformer in (plain_t, fast_t):
+        transformer.load_lora_adapter(dict(lora), prefix=None, adapter_name="main")
+    delta_plain = (call(plain_t) - base_plain).flatten()
+    delta_fast = (call(fast_t) - base_fast).flatten()
+    assert delta_plain.norm() > 0.05 * base_plain.norm()  # the LoRA does something
+    cosine = torch.nn.functional.cosine_similarity(delta_plain, delta_fast, dim=0)
+    assert cosine >= 0.95
+    # The adapter sits unfused on the fp8 layer: its weights are full precision, the base stays fp8.
+    layer = fast_t.transformer_blocks[0].attn.to_q
+    assert layer.lora_A["main"].weight.dtype == torch.float32
+    assert fast.quantized_linears(fast_t) == quantized > 0
+
+
+@pytest.mark.filterwarnings("ignore:TorchaoLoraLinear:UserWarning")
+def test_twenty_lora_switches_leave_the_fp8_base_unchanged(store: Path):
+    fresh = load_pipelines(store, CPU, torch.float32)
+    load_fast_pipelines(fresh, store, compile_=False)
+    fast_t = fresh.fast.text2img["schnell"].transformer
+    base = call(fast_t)
+    outputs = []
+    for i in range(20):
+        fast_t.load_lora_adapter(random_lora(fast_t, seed=100 + i), prefix=None, adapter_name="main")
+        outputs.append(call(fast_t))
+        fast_t.delete_adapters("main")
+    assert not torch.equal(outputs[0], outputs[1])  # the switches really changed the output
+    assert torch.equal(call(fast_t), base)
+
+
+# ----------------------------------------------------------------------------- compilation
+
+
+@pytest.mark.parametrize(
+    ("device", "requested", "expected"),
+    [("cpu", None, False), ("cpu", True, True), ("cuda", None, True), ("cuda", False, False)],
+)
+def test_compile_is_off_on_cpu_unless_asked(device: str, requested: bool | None, expected: bool):
+    assert fast.should_compile(torch.device(device), requested) is expected
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, None), ("1", True), ("0", False), ("", None)])
+def test_compile_setting(monkeypatch: pytest.MonkeyPatch, value: str | None, expected: bool | None):
+    if value is None:
+        monkeypatch.delenv("FLUX_LORA_COMPILE", raising=False)
+    else:
+        monkeypatch.setenv("FLUX_LORA_COMPILE", value)
+    assert Settings.from_env().compile is expected
+
+
+def test_compile_cache_lives_under_the_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    root = fast.configure_compile_cache(tmp_path)
+    assert Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]).is_relative_to(tmp_path / fast.FAST_DIR)
+    assert Path(os.environ["TRITON_CACHE_DIR"]).is_relative_to(root)
+
+
+def test_standard_sizes_are_all_warmed():
+    from flux_lora.request import ASPECT_RATIOS, MEGAPIXELS, size_for_aspect_ratio
+
+    warmed = {s.image_tokens for s in fast.standard_shapes(text_tokens=512) if s.batch == 1}
+    for ratio in ASPECT_RATIOS:  # 11 ratios x 2 megapixel settings
+        for mp in MEGAPIXELS:
+            width, height = size_for_aspect_ratio(ratio, mp)
+            assert (width // 16) * (height // 16) in warmed
+    assert any(s.batch > 1 for s in fast.standard_shapes(text_tokens=512))
+
+
+@pytest.mark.skipif(
+    os.environ.get("FLUX_LORA_COMPILE") != "1", reason="compiles for ~30 s on 2 cores: set FLUX_LORA_COMPILE=1"
+)
+def test_compiled_blocks_serve_every_size_batch_and_lora_switch_without_recompiling():
+    """Regional compile, dynamic shapes: warm batch 1 and 2, then nothing may recompile.
+
+    The eager backend exercises dynamo's graph capture and guards (what decides recompilation)
+    without inductor's C++ build, which takes minutes on 2 cores.
+    """
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    from flux_lora.tiny import tiny_transformer
+
+    transformer = tiny_transformer(True).eval()
+    first, second = random_lora(transformer, seed=1, rank=4), random_lora(transformer, seed=2, rank=8)
+    transformer.enable_lora_hotswap(target_rank=8)
+    transformer.load_lora_adapter(first, prefix=None, adapter_name="main")
+    fast.compile_transformer(transformer, backend="eager")
+    call(transformer, WarmupShape(1, 64, 8))
+    call(transformer, WarmupShape(2, 64, 8))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        before = call(transformer, WarmupShape(1, 96, 16))
+        call(transformer, WarmupShape(4, 48, 24))
+        transformer.load_lora_adapter(second, prefix=None, adapter_name="main", hotswap=True)
+        after = call(transformer, WarmupShape(1, 96, 16))
+    assert not torch.equal(before, after)  # the swap took effect in the compiled graph
