@@ -88,7 +88,10 @@ def entry_points(text2img: dict[str, FluxPipeline], device: torch.device, dtype:
 def load_pipelines(store: Path, device: torch.device, dtype: torch.dtype) -> Pipelines:
     """Load dev from the store, then schnell's transformer and scheduler on top of dev's components."""
     start = time.perf_counter()
-    dev = FluxPipeline.from_pretrained(store / DEV_DIR, dtype=dtype)
+    # On an accelerator, safetensors load straight onto it (no host copy of the 33 GB first); shards
+    # load in parallel (HF_ENABLE_PARALLEL_LOADING, set in flux_lora/__init__.py).
+    device_map = None if device.type == "cpu" else device.type
+    dev = FluxPipeline.from_pretrained(store / DEV_DIR, dtype=dtype, device_map=device_map)
     schnell_transformer = FluxTransformer2DModel.from_pretrained(
         store / SCHNELL_DIR, subfolder="transformer", dtype=dtype
     )
@@ -99,10 +102,8 @@ def load_pipelines(store: Path, device: torch.device, dtype: torch.dtype) -> Pip
         from flux_lora.memory import Residency
 
         # Both bf16 transformers plus the fp8 copies exceed 80 GB: they share one GPU slot.
-        dev.to(device)
         residency = Residency(device, {"dev": dev.transformer, "schnell": schnell_transformer}, resident="dev")
     elif device.type != "cpu":
-        dev.to(device)
         schnell_transformer.to(device)
     pipelines = entry_points({"dev": dev, "schnell": schnell}, device, dtype)
     pipelines.residency = residency

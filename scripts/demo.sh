@@ -4,7 +4,7 @@
 source "$(dirname "$0")/_venv.sh"
 PORT=${PORT:-5055}
 export FLUX_LORA_WEIGHTS=${FLUX_LORA_WEIGHTS:-$PWD/weights}
-if [ ! -f "$FLUX_LORA_WEIGHTS/FLUX.1-dev/model_index.json" ]; then
+if [ ! -f "$FLUX_LORA_WEIGHTS/FLUX.1-dev/model_index.json" ] || [ ! -f "$FLUX_LORA_WEIGHTS/falcon-nsfw/config.json" ]; then
   echo "==> building the tiny store in $FLUX_LORA_WEIGHTS"
   flux-lora make-tiny "$FLUX_LORA_WEIGHTS" >/dev/null
 fi
