@@ -114,13 +114,13 @@ class Service:
         start = time.perf_counter()
         request = self.request(inputs)
         log.info("Using seed: %d", request.seed)
+        cond = prepare_inputs(request)  # a bad image fails before any LoRA is fetched
         main_field = "replicate_weights" if self.variant.main_lora_per_request else "COG_WEIGHTS"
         key = f"{request.model}:fast" if request.go_fast else request.model
         self.pipelines.prepare(request.model, request.go_fast)  # the bf16 slot first: adapters move with it
         self.loras.apply(key, self.loras.wanted(request.main_lora, request.extra_lora, request.go_fast, main_field))
         if request.go_fast and self.pipelines.fast is not None:
             log.info("go_fast: %s", self.pipelines.fast.fp8)
-        cond = prepare_inputs(request)
         images = generate(self.pipelines, request, cond)
         images = safe_images(images, self.safety, disabled=request.disable_safety_checker)
         paths = save_images(images, request.output_format, request.output_quality)
