@@ -50,17 +50,22 @@ def tiny_transformer(guidance_embeds: bool) -> FluxTransformer2DModel:
     )
 
 
-def tiny_vae() -> AutoencoderKL:
-    """FLUX's VAE shape (16 latent channels, 8x downsampling, no quant convs) at 8 channels wide."""
+def flux_vae(
+    block_out_channels: tuple[int, ...] = (8, 8, 8, 8), layers_per_block: int = 1, norm_num_groups: int = 4
+) -> AutoencoderKL:
+    """FLUX's VAE shape (16 latent channels, 8x downsampling, no quant convs); tiny widths by default.
+
+    The real one is `flux_vae((128, 256, 512, 512), 2, 32)`.
+    """
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
+        block_out_channels=block_out_channels,
+        layers_per_block=layers_per_block,
         latent_channels=16,
-        norm_num_groups=4,
+        norm_num_groups=norm_num_groups,
         sample_size=32,
         scaling_factor=0.3611,
         shift_factor=0.1159,
@@ -162,7 +167,7 @@ def make_tiny_store(root: Path, seed: int = 0) -> Path:
     )
     dev = FluxPipeline(
         scheduler=dev_scheduler(),
-        vae=tiny_vae(),
+        vae=flux_vae(),
         text_encoder=text_encoder,
         tokenizer=clip_tokenizer,
         text_encoder_2=text_encoder_2,

@@ -56,10 +56,10 @@ def _init_random(module: torch.nn.Module, device: torch.device, dtype: torch.dty
 
 def real_shape_pipelines(device: torch.device, dtype: torch.dtype, seed: int = 0):
     """dev + schnell FluxPipelines of real FLUX.1 shapes, random weights, the tiny store's tokenizers."""
-    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from flux_lora.tiny import dev_scheduler, schnell_scheduler, tiny_clip_tokenizer, tiny_t5_tokenizer
+    from flux_lora.tiny import dev_scheduler, flux_vae, schnell_scheduler, tiny_clip_tokenizer, tiny_t5_tokenizer
 
     with torch.device("meta"):
         dev_t = FluxTransformer2DModel(guidance_embeds=True)
@@ -85,19 +85,7 @@ def real_shape_pipelines(device: torch.device, dtype: torch.dtype, seed: int = 0
                 vocab_size=49408,
             )
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            latent_channels=16,
-            scaling_factor=0.3611,
-            shift_factor=0.1159,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        )
+        vae = flux_vae((128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)
     with tempfile.TemporaryDirectory() as tmp:
         clip_tok = tiny_clip_tokenizer(Path(tmp))
     dev = FluxPipeline(
