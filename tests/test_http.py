@@ -37,6 +37,7 @@ def test_health_and_openapi(variant: str, request: pytest.FixtureRequest) -> Non
     served = requests.get(f"{server.url}/openapi.json", timeout=5)
     assert served.status_code == 200
     assert served.json() == json.loads(schema_json(variant))
+    assert "DeprecationWarning" not in server.log.read_text(), "the SDK's current API (BaseRunner.run) is used"
 
 
 def test_txt2img_batch_png(hotswap_server: CogServer) -> None:
