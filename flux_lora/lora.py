@@ -480,6 +480,11 @@ def _set_scales(model: nn.Module, scales: dict[str, float], enabled: bool) -> No
                 layer.scaling[name] = scale
 
 
+# Padded rank for hot-swapping into compiled transformers: covers Replicate's trainer (16-128) and
+# most community FLUX LoRAs; a larger one takes the logged slow path. FLUX_LORA_HOTSWAP_RANK overrides.
+DEFAULT_HOTSWAP_RANK = 128
+
+
 class LoraManager:
     """Adapters on the loaded pipelines: load only what changed, switch scales in place.
 

@@ -52,7 +52,7 @@ class Service:
 
         from flux_lora.cache import WeightCache
         from flux_lora.fast import should_compile
-        from flux_lora.lora import LoraManager
+        from flux_lora.lora import DEFAULT_HOTSWAP_RANK, LoraManager
         from flux_lora.pipelines import load_fast_pipelines, load_pipelines, pick_device
         from flux_lora.safety import SafetyChecker
         from flux_lora.store import ensure_store
@@ -67,9 +67,8 @@ class Service:
         safety_dtype = torch.float16 if device.type == "cuda" else dtype
         self.safety = SafetyChecker.load(settings.weights_dir, device, safety_dtype)
         # Both variants offer go_fast: fp8 copies are built (or read pre-quantized) and warmed at setup.
-        fast = load_fast_pipelines(
-            self.pipelines, settings.weights_dir, compile_=should_compile(device, settings.compile)
-        )
+        compiled = should_compile(device, settings.compile)
+        fast = load_fast_pipelines(self.pipelines, settings.weights_dir, compile_=compiled)
         # One manager over the plain and the go_fast transformers (keys "dev", "dev:fast", ...) and the
         # shared CLIP; where no fp8 runs, "dev:fast" is the plain module itself.
         transformers = {**self.pipelines.transformers, **{f"{n}:fast": t for n, t in fast.transformers.items()}}
@@ -78,7 +77,8 @@ class Service:
             self.pipelines.text2img["dev"].text_encoder,
             WeightCache.from_settings(settings).fetch,
             memory_bytes=settings.lora_memory_bytes,
-            hotswap_rank=settings.lora_hotswap_rank,
+            # A compiled transformer takes new LoRAs by hot-swap into padded adapters: no recompilation.
+            hotswap_rank=settings.lora_hotswap_rank or (DEFAULT_HOTSWAP_RANK if compiled else None),
         )
         if baked_lora is not None:  # load now: a broken COG_WEIGHTS fails setup, and stays resident
             from flux_lora.request import LoraSpec
