@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,31 +46,55 @@ def baked_lora_ref(weights: str | Path | None, settings: Settings) -> str | None
     return str(weights)
 
 
+class _Stages:
+    """Seconds per setup stage, for the one-line cold-start breakdown in the logs."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = time.perf_counter() - start
+
+    def __str__(self) -> str:
+        return ", ".join(f"{name} {sec:.2f}s" for name, sec in self.seconds.items())
+
+
 class Service:
     """Models loaded once at setup; one `predict` per request."""
 
     def __init__(self, variant: Variant, settings: Settings, baked_lora: str | None) -> None:
-        import torch
+        stages = _Stages()
+        with stages("imports"):  # torch and diffusers: the largest part of a warm cold start
+            import torch
 
-        from flux_lora.cache import WeightCache
-        from flux_lora.fast import should_compile
-        from flux_lora.lora import DEFAULT_HOTSWAP_RANK, LoraManager
-        from flux_lora.pipelines import load_fast_pipelines, load_pipelines, pick_device
-        from flux_lora.safety import SafetyChecker
-        from flux_lora.store import ensure_store
+            from flux_lora.cache import WeightCache
+            from flux_lora.fast import should_compile
+            from flux_lora.lora import DEFAULT_HOTSWAP_RANK, LoraManager
+            from flux_lora.pipelines import load_fast_pipelines, load_pipelines, pick_device
+            from flux_lora.safety import SafetyChecker
+            from flux_lora.store import ensure_store
 
         self.variant = variant
         self.settings = settings
         self.baked_lora = baked_lora
         device, dtype = pick_device(settings.device)
         torch.set_grad_enabled(False)
-        ensure_store(settings.weights_dir, offline=settings.offline)
-        self.pipelines = load_pipelines(settings.weights_dir, device, dtype)
-        safety_dtype = torch.float16 if device.type == "cuda" else dtype
-        self.safety = SafetyChecker.load(settings.weights_dir, device, safety_dtype)
+        with stages("store check"):
+            ensure_store(settings.weights_dir, offline=settings.offline)
+        with stages("pipelines"):
+            self.pipelines = load_pipelines(settings.weights_dir, device, dtype)
+        with stages("safety"):
+            safety_dtype = torch.float16 if device.type == "cuda" else dtype
+            self.safety = SafetyChecker.load(settings.weights_dir, device, safety_dtype)
         # Both variants offer go_fast: fp8 copies are built (or read pre-quantized) and warmed at setup.
         compiled = should_compile(device, settings.compile)
-        fast = load_fast_pipelines(self.pipelines, settings.weights_dir, compile_=compiled)
+        with stages("go_fast"):
+            fast = load_fast_pipelines(self.pipelines, settings.weights_dir, compile_=compiled)
         # One manager over the plain and the go_fast transformers (keys "dev", "dev:fast", ...) and the
         # shared CLIP; where no fp8 runs, "dev:fast" is the plain module itself.
         transformers = {**self.pipelines.transformers, **{f"{n}:fast": t for n, t in fast.transformers.items()}}
@@ -83,10 +109,12 @@ class Service:
         if baked_lora is not None:  # load now: a broken COG_WEIGHTS fails setup, and stays resident
             from flux_lora.request import LoraSpec
 
-            for key in transformers:
-                go_fast = key.endswith(":fast")
-                spec = LoraSpec(baked_lora, 1.0)
-                self.loras.apply(key, self.loras.wanted(spec, None, go_fast, "COG_WEIGHTS"))
+            with stages("COG_WEIGHTS LoRA"):
+                for key in transformers:
+                    go_fast = key.endswith(":fast")
+                    spec = LoraSpec(baked_lora, 1.0)
+                    self.loras.apply(key, self.loras.wanted(spec, None, go_fast, "COG_WEIGHTS"))
+        log.info("Setup on %s: %s", device, stages)
 
     @classmethod
     def start(cls, variant: Variant, weights: str | Path | None = None) -> Service:

@@ -138,3 +138,11 @@ def test_safety_checker_blocks_and_can_be_disabled(
     assert not list((tmp_path / "out").glob("prediction-*/out-*")), "nothing is written for a blocked batch"
     assert main([*args, "-i", "disable_safety_checker=true"]) == 0
     assert len(list((tmp_path / "out").glob("prediction-*/out-*"))) == 2
+
+
+def test_setup_logs_a_timing_breakdown(store_env: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="flux_lora")
+    _predict(tmp_path, "prompt=x", "model=schnell")
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Setup on ")]
+    for stage in ("imports", "store check", "pipelines", "safety", "go_fast"):
+        assert f"{stage} " in line, line
