@@ -17,6 +17,7 @@ cold start reuses them.
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import os
 import time
@@ -120,20 +121,38 @@ def fast_dir(store: Path) -> Path:
     return store / FAST_DIR
 
 
-def prequantized_path(store: Path, model: str, mode: Fp8Mode, dtype: torch.dtype) -> Path:
+def source_fingerprint(source: Path) -> str:
+    """Names, sizes and mtimes of the plain weights: a replaced or re-downloaded model changes it."""
+    digest = hashlib.sha256()
+    for path in sorted(source.rglob("*")):
+        if path.is_file() and path.suffix in {".safetensors", ".json"}:
+            stat = path.stat()
+            digest.update(f"{path.relative_to(source)}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return digest.hexdigest()[:16]
+
+
+def prequantized_path(store: Path, model: str, mode: Fp8Mode, dtype: torch.dtype, source: Path) -> Path:
     """Where a quantized state dict is kept; the name pins everything that changes its bytes."""
     import torchao
 
     dtype_name = str(dtype).removeprefix("torch.")
-    return fast_dir(store) / f"{model}-{mode.value}-{dtype_name}-torch{torch.__version__}-ao{torchao.__version__}.pt"
+    versions = f"torch{torch.__version__}-ao{torchao.__version__}"
+    return fast_dir(store) / f"{model}-{mode.value}-{dtype_name}-{versions}-{source_fingerprint(source)}.pt"
 
 
-def _save_atomic(state: dict[str, torch.Tensor], path: Path) -> None:
-    """Write beside the target, rename when complete: a half-written file is never loaded."""
+def _save_atomic(state: dict[str, torch.Tensor], path: Path, model: str) -> None:
+    """Write beside the target, rename when complete: a half-written file is never loaded.
+
+    Copies of the same model made from other weights or versions (and leftovers of interrupted
+    saves) are removed: they can never be loaded again.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".incomplete")
     torch.save(state, tmp)
     os.replace(tmp, path)
+    for stale in path.parent.glob(f"{model}-*.pt*"):
+        if stale != path and not stale.name.endswith(".lock"):
+            stale.unlink(missing_ok=True)
 
 
 def build_fast_transformer(
@@ -142,6 +161,7 @@ def build_fast_transformer(
     *,
     model: str,
     store: Path,
+    source: Path,
     device: torch.device,
     dtype: torch.dtype,
     mode: Fp8Mode,
@@ -150,13 +170,14 @@ def build_fast_transformer(
     """The fp8 transformer for `model`: from the store's pre-quantized copy, else quantized now.
 
     `make_empty` builds the architecture without allocating (on the meta device); `load_plain` loads
-    the plain weights (on CPU, so the GPU never holds a second bf16 copy). The quantized state dict is
+    the plain weights from `source` (on CPU, so the GPU never holds a second bf16 copy). The quantized
+    copy is named by `source`'s files, so replaced weights are quantized anew; it is
     saved after the first quantization so later cold starts skip it.
     """
     start = time.perf_counter()
     if mode is Fp8Mode.NONE:
         raise ValueError("build_fast_transformer needs an fp8 mode; the plain path reuses the plain transformer")
-    path = prequantized_path(store, model, mode, dtype)
+    path = prequantized_path(store, model, mode, dtype, source)
     with FileLock(str(path) + ".lock"):
         if path.is_file():
             with torch.device("meta"):
@@ -169,7 +190,7 @@ def build_fast_transformer(
         transformer.to(device)
         ran = quantize_transformer(transformer, mode)
         if ran is not Fp8Mode.NONE and save:
-            _save_atomic(transformer.state_dict(), path)
+            _save_atomic(transformer.state_dict(), path, model)
     log.info("go_fast: quantized %s (%s) in %.1fs", model, ran.value, time.perf_counter() - start)
     return transformer, ran
 

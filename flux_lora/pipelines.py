@@ -143,7 +143,8 @@ def load_fast_pipelines(
         transformer, got = fast.build_fast_transformer(
             lambda config=config: FluxTransformer2DModel.from_config(config).to(dtype),
             lambda source=source: FluxTransformer2DModel.from_pretrained(source, subfolder="transformer", dtype=dtype),
-            model=name, store=store, device=device, dtype=dtype, mode=mode, save=save_quantized,
+            model=name, store=store, source=source / "transformer", device=device, dtype=dtype, mode=mode,
+            save=save_quantized,
         )
         transformers[name] = transformer if got is not fast.Fp8Mode.NONE else pipe.transformer
         ran.add(got)
@@ -173,13 +174,23 @@ def load_fast_pipelines(
     return result
 
 
+MAX_INPUT_PIXELS = 100_000_000  # a 100 MP photo decodes to 300 MB; larger inputs are refused before decoding
+
+
 def open_image(path: str, field: str, mode: str = "RGB") -> Image.Image:
     """Read a user's image (EXIF orientation applied) or say which input is not an image."""
     try:
         with Image.open(path) as img:
+            width, height = img.size  # read from the header: nothing is decoded yet
+            if width * height > MAX_INPUT_PIXELS:
+                raise InputError(
+                    field, f"is {width}x{height} pixels; the largest accepted is {MAX_INPUT_PIXELS // 10**6} megapixels"
+                )
             img.load()
             return ImageOps.exif_transpose(img).convert(mode)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
+        if isinstance(exc, InputError):
+            raise
         raise InputError(field, "must be an image file (png, jpg, webp, ...); this one could not be read") from exc
 
 
@@ -210,7 +221,6 @@ def prepare_inputs(request: Request) -> Conditioning:
 
 def generate(pipelines: Pipelines, request: Request, cond: Conditioning, **extra: object) -> list[Image.Image]:
     """Run one batch of `num_outputs` images; the CPU generator makes seeds portable across runs."""
-    pipelines.prepare(request.model, request.go_fast)
     pipe = pipelines.get(request.model, request.mode, request.go_fast)
     kwargs: dict[str, object] = dict(
         prompt=request.prompt,

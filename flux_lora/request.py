@@ -191,8 +191,8 @@ def build_request(
     _bounded("output_quality", output_quality, 0, 100)
     _bounded("lora_scale", lora_scale, -1, 3)
     _bounded("extra_lora_scale", extra_lora_scale, -1, 3)
-    if seed is not None and not 0 <= seed <= 2**63 - 1:
-        raise InputError("seed", f"must be a non-negative integer, got {seed}")
+    if seed is not None and (seed != int(seed) or not 0 <= seed <= 2**63 - 1):
+        raise InputError("seed", f"must be an integer from 0 to {2**63 - 1}, got {seed:.0f}")
 
     if mask and not image:
         raise InputError("mask", "needs an input image: set image as well, or leave mask empty")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,11 +30,10 @@ TRAINED = Variant("trained", main_lora_per_request=False)
 
 
 def _configure_logging() -> None:
-    """Cog captures stdout/stderr as prediction logs; make INFO records reach them."""
-    root = logging.getLogger()
-    if not root.handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("flux_lora").setLevel(logging.INFO)
+    """Cog captures stdout/stderr as prediction logs; make our records reach them (FLUX_LORA_LOG_LEVEL)."""
+    if not logging.getLogger().handlers:  # the flux-lora command line configures its own
+        level = os.environ.get("FLUX_LORA_LOG_LEVEL", "INFO").upper()
+        logging.basicConfig(level=level, format="%(message)s")
 
 
 def baked_lora_ref(weights: str | Path | None, settings: Settings) -> str | None:

@@ -70,6 +70,7 @@ def test_image_file_input_with_at_syntax(store_env: Path, tmp_path: Path) -> Non
         (["num_outputs=1"], "prompt: Field required"),
         (["prompt=x", "aspect_ratio=custom", "height=512"], "width: is required when aspect_ratio is 'custom'"),
         (["prompt=x", "image=@/no/such/file.png"], "image: file not found"),
+        (["prompt=x", "seed=-1"], "seed: must be an integer from 0 to"),
     ],
 )
 def test_bad_input_is_one_line_and_non_zero(
@@ -81,6 +82,17 @@ def test_bad_input_is_one_line_and_non_zero(
     assert main(args) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1]
+
+
+def test_huge_input_images_are_refused_before_decoding(
+    store_env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    huge = tmp_path / "huge.png"
+    Image.new("L", (12000, 10000)).save(huge)  # 120 MP: a few hundred KB on disk, 360 MB decoded
+    args = ["predict", "-o", str(tmp_path), "-i", "prompt=x", "-i", f"image=@{huge}"]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == "error: image: is 12000x10000 pixels; the largest accepted is 100 megapixels"
 
 
 def test_console_script_exits_without_a_traceback(store_env: Path, tmp_path: Path) -> None:

@@ -169,6 +169,26 @@ def test_prequantized_copy_is_saved_once_and_reloaded_identically(store: Path, p
     assert torch.equal(call(reloaded), call(pipelines.fast.text2img["dev"].transformer))
 
 
+def test_replaced_base_weights_are_quantized_anew(tiny_store: Path, tmp_path: Path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store, store)
+    first = load_pipelines(store, CPU, torch.float32)
+    load_fast_pipelines(first, store, compile_=False)
+    old_copy = {f.name for f in (store / fast.FAST_DIR).glob("dev-*.pt")}
+    weights = next((store / "FLUX.1-dev" / "transformer").glob("*.safetensors"))
+    save_file({k: v * 3 for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})
+    second = load_pipelines(store, CPU, torch.float32)
+    load_fast_pipelines(second, store, compile_=False)
+    new_copy = {f.name for f in (store / fast.FAST_DIR).glob("dev-*.pt")}
+    assert len(new_copy) == 1 and new_copy != old_copy, "a stale copy would run the old weights"
+    plain, quantized = second.text2img["dev"].transformer, second.fast.text2img["dev"].transformer
+    assert rel_l2(call(quantized), call(plain)) <= REL_L2_BOUND
+
+
 # ----------------------------------------------------------------------------- LoRAs under fp8
 
 
