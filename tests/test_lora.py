@@ -13,17 +13,13 @@ import io
 import json
 import logging
 import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import lora_samples as S
 import numpy as np
 import pytest
-import requests
 import torch
+from conftest import CogServer
 from fakes import FakeServer
 from PIL import Image
 
@@ -339,33 +335,15 @@ def test_flux_lora_predict_command_applies_the_lora(settings, server, input_imag
     assert main([*args, "-i", f"replicate_weights={url(server, 'sd15')}"]) == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_http_server_applies_loras_and_survives_a_bad_one(settings, server, input_image, service, tmp_path):
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "flux_lora", "serve", "--port", str(port)], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
-    base_url = f"http://127.0.0.1:{port}"
+    cog = CogServer("hotswap", tmp_path, dict(os.environ))
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if requests.get(f"{base_url}/health-check", timeout=2).json()["status"] == "READY":
-                    break
-            except (requests.ConnectionError, ValueError):
-                pass
-            time.sleep(0.5)
         data_uri = "data:image/png;base64," + base64.b64encode(Path(input_image).read_bytes()).decode()
         common = {"prompt": "a cat", "image": data_uri, "prompt_strength": 1.0, "num_inference_steps": 2,
                   "seed": 7, "output_format": "png", "disable_safety_checker": True}
 
         def predict(**inputs) -> dict:
-            answer = requests.post(f"{base_url}/predictions", json={"input": {**common, **inputs}}, timeout=120)
-            return answer.json()
+            return cog.predict(**{**common, **inputs}).json()
 
         good = predict(replicate_weights=url(server, "comfyui"))
         assert good["status"] == "succeeded", good
@@ -376,5 +354,4 @@ def test_http_server_applies_loras_and_survives_a_bad_one(settings, server, inpu
         assert bad["status"] == "failed" and "SDXL" in bad["error"], json.dumps(bad)[:500]
         assert predict()["status"] == "succeeded"
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        cog.stop()
