@@ -288,7 +288,7 @@ class WeightCache:
         if isinstance(source, CivitaiVersionRef):
             base = _env_url("FLUX_LORA_CIVITAI_URL", "https://civitai.com")
             url = f"{base}/api/download/models/{source.version_id}"
-            return _civitai_download(url, what, source.version_id)
+            return _civitai_download(url, what, source.version_id, source.token)
         if isinstance(source, ReplicateDeliveryUrl | HttpUrl):
             return Target(
                 source.url, what, auth_hint="the URL may need a signature, or its signature expired",
@@ -301,7 +301,7 @@ class WeightCache:
         base = _env_url("FLUX_LORA_CIVITAI_URL", "https://civitai.com")
         what = _describe(source)
         model = self.downloader.get_json(Target(
-            f"{base}/api/v1/models/{source.model_id}", what, _bearer("CIVITAI_API_TOKEN"),
+            f"{base}/api/v1/models/{source.model_id}", what, _civitai_auth(source.token),
             auth_hint="set CIVITAI_API_TOKEN to an API key that can read it",
             not_found_hint=(
                 f"{source.model_id} is not a CivitAI model id; if it is a version id (modelVersionId), "
@@ -327,7 +327,7 @@ class WeightCache:
         chosen = next((f for f in files if f.get("primary")), None) or next(
             (f for f in files if f.get("type") == "Model"), files[0])
         url = chosen.get("downloadUrl") or f"{base}/api/download/models/{version['id']}"
-        return _civitai_download(url, f"{what} version {version.get('id')}", version.get("id"))
+        return _civitai_download(url, f"{what} version {version.get('id')}", version.get("id"), source.token)
 
     def _from_hub(self, source: HuggingFaceRef, staged: Path, out: Path) -> None:
         """Download through huggingface_hub (HF_ENDPOINT, HF_TOKEN), choosing the file if not named."""
@@ -399,9 +399,15 @@ def _bearer(env: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def _civitai_download(url: str, what: str, version_id: object) -> Target:
+def _civitai_auth(url_token: str | None) -> dict[str, str]:
+    """CIVITAI_API_TOKEN, else the `?token=` the user put in the reference: always a header, never the URL."""
+    headers = _bearer("CIVITAI_API_TOKEN")
+    return headers or ({"Authorization": f"Bearer {url_token}"} if url_token else {})
+
+
+def _civitai_download(url: str, what: str, version_id: object, url_token: str | None = None) -> Target:
     return Target(
-        url, what, _bearer("CIVITAI_API_TOKEN"),
+        url, what, _civitai_auth(url_token),
         auth_hint="this CivitAI model needs a login: set CIVITAI_API_TOKEN to your API key",
         not_found_hint=(
             f"{version_id} is not a CivitAI model version id; "
@@ -444,12 +450,12 @@ def _describe(source: Source) -> str:
 
 
 def _shown_ref(ref: str, source: Source) -> str:
-    """The reference as `weights list` shows it: URLs without their query string."""
-    if isinstance(source, ReplicateDeliveryUrl | HttpUrl):
-        return redact_url(source.url)
+    """The reference as the index, `weights list` and logs show it: never a query string (tokens live there)."""
     if isinstance(source, DataUri):
         return source.uri[:40] + ("..." if len(source.uri) > 40 else "")
-    return ref.strip()
+    if isinstance(source, LocalFile):
+        return source.path
+    return redact_url(ref.strip())
 
 
 def _decode_data_uri(uri: str, max_bytes: int, dest: Path) -> Path:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
@@ -95,6 +95,7 @@ class CivitaiModelRef:
 
     model_id: int
     version_id: int | None = None
+    token: str | None = field(default=None, repr=False, compare=False)  # from a `?token=` in the URL
 
     @property
     def cache_key(self) -> str:
@@ -106,6 +107,7 @@ class CivitaiVersionRef:
     """A CivitAI model *version*, downloaded through `/api/download/models/<versionId>`."""
 
     version_id: int
+    token: str | None = field(default=None, repr=False, compare=False)  # from a `?token=` in the URL
 
     @property
     def cache_key(self) -> str:
@@ -232,11 +234,12 @@ def _parse_hf(segments: list[str], text: str) -> HuggingFaceRef:
 
 def _parse_civitai(segments: list[str], query: str, text: str) -> CivitaiModelRef | CivitaiVersionRef:
     params = parse_qs(query)
+    token = params.get("token", [""])[0] or None  # an API key pasted into the URL: sent as a header
     if len(segments) >= 2 and segments[0] == "models" and segments[1].isdigit():
         version = params.get("modelVersionId", [""])[0]
         if version and not version.isdigit():
             raise _error(text, " (modelVersionId must be a number)")
-        return CivitaiModelRef(int(segments[1]), int(version) if version else None)
+        return CivitaiModelRef(int(segments[1]), int(version) if version else None, token)
     if segments[:3] == ["api", "download", "models"] and len(segments) == 4 and segments[3].isdigit():
-        return CivitaiVersionRef(int(segments[3]))
+        return CivitaiVersionRef(int(segments[3]), token)
     raise _error(text, " (use civitai.com/models/<id> or civitai.com/api/download/models/<id>)")

@@ -555,3 +555,27 @@ def test_from_settings_and_cli(server, env):
     cleared = _cli(env, "clear")
     out, _ = cleared.communicate(timeout=60)
     assert "removed 1" in out and json.loads((env / "cache" / "index.json").read_text()) == {}
+
+
+# --- secrets in references ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "ref",
+    [
+        "https://civitai.com/api/download/models/123?token=USERSECRET",
+        "civitai.com/models/12?token=USERSECRET&modelVersionId=123",
+    ],
+)
+def test_a_civitai_token_in_the_url_is_sent_as_a_header_and_never_shown(server, env, caplog, ref):
+    server.state.civitai_token = "USERSECRET"
+    server.add_civitai_model(12, [(123, "a.safetensors", peft_lora(22))])
+    cache = make_cache(env)
+    caplog.set_level("DEBUG")
+    assert cache.fetch(ref).read_bytes() == peft_lora(22)
+    assert cache.fetch(ref).exists()  # a hit: logged with the reference
+    assert "cached at" in caplog.text and "USERSECRET" not in caplog.text
+    assert "USERSECRET" not in (cache.root / "index.json").read_text()
+    assert [e.ref for e in cache.entries()] == [ref.partition("?")[0] + "?…"]
+    assert all("USERSECRET" not in r.path for r in server.requests)
+    assert any(r.headers.get("Authorization") == "Bearer USERSECRET" for r in server.requests)
