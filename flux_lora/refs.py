@@ -43,12 +43,16 @@ def _query_hash(query: str) -> str:
 
 def redact_url(url: str) -> str:
     """The URL without its query string or credentials: safe to log and to show in errors."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    if parts.port:
-        host = f"{host}:{parts.port}"
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        if parts.port:
+            host = f"{host}:{parts.port}"
+    except ValueError:  # a malformed host or port: cut by hand rather than show it whole
+        head = re.split(r"[?#]", url, maxsplit=1)[0]
+        return re.sub(r"//[^/]*@", "//", head) + ("?…" if head != url else "")
     return urlunsplit((parts.scheme, host, parts.path, "…" if parts.query else "", ""))
 
 
@@ -160,7 +164,8 @@ def _url_key(kind: str, url: str) -> str:
 
 
 def _error(text: str, why: str = "") -> RefError:
-    shown = text if len(text) <= 120 else text[:117] + "..."
+    shown = redact_url(text.strip())  # what the user typed, minus any token or password in it
+    shown = shown if len(shown) <= 120 else shown[:117] + "..."
     return RefError(f"unrecognised LoRA reference {shown!r}{why}; accepted: {ACCEPTED_FORMS}")
 
 
@@ -177,7 +182,10 @@ def parse_ref(text: str) -> Source:
     if lowered.startswith(_BARE_HOSTS) and lowered.split("/", 1)[0] in _BARE_HOSTS:
         ref = "https://" + ref
     if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", ref):
-        return _parse_url(ref, text)
+        try:
+            return _parse_url(ref, text)
+        except ValueError:  # urllib: a malformed host or port
+            raise _error(text, " (malformed URL)") from None
     if ref.startswith(("/", "./", "../", "~")) or lowered.endswith(_FILE_SUFFIXES):
         return LocalFile(ref)
     match = _REPLICATE.fullmatch(ref)
