@@ -28,8 +28,16 @@ from urllib.parse import unquote_to_bytes
 
 from filelock import FileLock
 
-from flux_lora.errors import NotALoraError, WeightsAuthError, WeightsError, WeightsNotFound, WeightsTooLarge
+from flux_lora.errors import (
+    NotALoraError,
+    WeightsAuthError,
+    WeightsError,
+    WeightsNotFound,
+    WeightsTooLarge,
+    WeightsUnreachable,
+)
 from flux_lora.http import Downloader, DownloadPolicy, Target
+from flux_lora.hub import HubFailure, hub_failure
 from flux_lora.refs import (
     CivitaiModelRef,
     CivitaiVersionRef,
@@ -332,20 +340,13 @@ class WeightCache:
     def _from_hub(self, source: HuggingFaceRef, staged: Path, out: Path) -> None:
         """Download through huggingface_hub (HF_ENDPOINT, HF_TOKEN), choosing the file if not named."""
         from huggingface_hub import HfApi, hf_hub_download
-        from huggingface_hub.errors import (
-            EntryNotFoundError,
-            GatedRepoError,
-            HfHubHTTPError,
-            RepositoryNotFoundError,
-            RevisionNotFoundError,
-        )
 
         endpoint = os.environ.get("HF_ENDPOINT") or None
         token = os.environ.get("HF_TOKEN") or None
         what = _describe(source)
         api = HfApi(endpoint=endpoint, token=token)
+        filename = source.filename
         try:
-            filename = source.filename
             sizes: dict[str, int | None] = {}
             if filename is None:
                 files = [
@@ -370,28 +371,37 @@ class WeightCache:
                 source.repo, filename, revision=source.revision, local_dir=staged / "hub", endpoint=endpoint,
                 token=token,
             )
-        except GatedRepoError:
-            raise WeightsAuthError(f"{what} is gated: accept its terms on the Hub and set HF_TOKEN") from None
-        except RepositoryNotFoundError:
-            hint = "" if token else "; if it is private or gated, set HF_TOKEN"
-            raise WeightsNotFound(f"{what}: repository not found{hint}") from None
-        except RevisionNotFoundError:
-            raise WeightsNotFound(f"{what}: revision {source.revision!r} not found") from None
-        except EntryNotFoundError:
-            raise WeightsNotFound(f"{what}: file {source.filename!r} not found in the repository") from None
-        except HfHubHTTPError as exc:
-            status = exc.response.status_code if exc.response is not None else "?"
-            if status in (401, 403):
-                raise WeightsAuthError(f"{what}: access denied (HTTP {status}); set HF_TOKEN") from None
-            raise WeightsError(f"{what}: the Hub answered HTTP {status}") from None
-        except OSError as exc:
-            if isinstance(exc, WeightsError):
+        except Exception as exc:
+            failure = hub_failure(exc)
+            if failure is None:
                 raise
-            raise WeightsError(f"{what}: download failed ({type(exc).__name__})") from None
+            raise _hub_error(failure, what, source, filename, token) from None
         os.replace(local, out)
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
+
+
+def _hub_error(failure: HubFailure, what: str, source: HuggingFaceRef, filename: str | None,
+               token: str | None) -> WeightsError:
+    """The user's error for a failed Hub call on a LoRA reference."""
+    if failure.kind == "gated":
+        return WeightsAuthError(f"{what} is gated: accept its terms on the Hub and set HF_TOKEN")
+    if failure.kind == "repo":
+        hint = "" if token else "; if it is private or gated, set HF_TOKEN"
+        return WeightsNotFound(f"{what}: repository not found{hint}")
+    if failure.kind == "revision":
+        return WeightsNotFound(f"{what}: revision {source.revision!r} not found")
+    if failure.kind == "entry":
+        return WeightsNotFound(f"{what}: file {filename!r} not found in the repository")
+    if failure.kind == "denied":
+        return WeightsAuthError(f"{what}: access denied (HTTP {failure.status}); set HF_TOKEN")
+    if failure.kind == "unreachable":
+        endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+        return WeightsUnreachable(f"{what}: cannot reach the Hub at {endpoint} ({failure.detail})")
+    if failure.kind == "http":
+        return WeightsError(f"{what}: the Hub answered HTTP {failure.status}")
+    return WeightsError(f"{what}: download failed ({failure.detail})")
 
 
 def _bearer(env: str) -> dict[str, str]:

@@ -19,6 +19,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from flux_lora.errors import UserError
+from flux_lora.hub import HubFailure, hub_failure
 
 log = logging.getLogger(__name__)
 
@@ -265,16 +266,6 @@ def _endpoint() -> str:
     return (os.environ.get("HF_ENDPOINT") or HUB_URL).rstrip("/")
 
 
-def _scrub(text: str) -> str:
-    """The first line of an error message with any token in the environment masked."""
-    line = text.strip().splitlines()[0] if text.strip() else ""
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
-        secret = os.environ.get(name)
-        if secret:
-            line = line.replace(secret, "***")
-    return line
-
-
 def _access_error(model: BaseModel, status: int | None) -> StoreError:
     """Why a gated repo refused us, and the two things to do about it."""
     from huggingface_hub import get_token
@@ -289,6 +280,18 @@ def _access_error(model: BaseModel, status: int | None) -> StoreError:
         f"HF_TOKEN was refused for {model.repo_id} (HTTP {status}): accept the licence on {page} "
         "with the account that owns the token, and check the token has read access"
     )
+
+
+def _download_error(model: BaseModel, endpoint: str, failure: HubFailure) -> StoreError:
+    """The one-line error for a failed download of a base model; every one of them can be resumed."""
+    # Without a token the Hub answers 401 "not found" for a gated repo, so gating is decided here.
+    if failure.kind == "gated" or (model.gated and failure.kind in ("repo", "denied") and failure.status in (401, 403)):
+        return _access_error(model, failure.status)
+    if failure.kind == "repo":
+        return StoreError(f"{model.repo_id} not found on {endpoint} (HTTP {failure.status})")
+    if failure.kind == "unreachable":
+        return StoreError(f"could not reach {endpoint} for {model.repo_id}: {failure.detail}; run again to resume")
+    return StoreError(f"could not download {model.repo_id} from {endpoint}: {failure.detail}; run again to resume")
 
 
 def _quiet_http_logs() -> None:
@@ -313,7 +316,6 @@ def download_model(root: Path, model: BaseModel) -> None:
     request. Another process downloading the same model is waited for, not raced.
     """
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
     folder = root / model.folder
     _quiet_http_logs()
@@ -344,23 +346,11 @@ def download_model(root: Path, model: BaseModel) -> None:
                 ignore_patterns=list(_IGNORE_PATTERNS),
                 endpoint=endpoint,
             )
-        except (GatedRepoError, RepositoryNotFoundError) as exc:
-            # Without a token the Hub answers 401 "not found" for a gated repo, so gating is decided here.
-            status = exc.response.status_code if exc.response is not None else None
-            if isinstance(exc, GatedRepoError) or (model.gated and status in (401, 403)):
-                raise _access_error(model, status) from None
-            raise StoreError(f"{model.repo_id} not found on {endpoint} (HTTP {status})") from None
-        except (HfHubHTTPError, OSError, ValueError) as exc:
-            reason = f"{type(exc).__name__}: {_scrub(str(exc))}"
-            raise StoreError(
-                f"could not download {model.repo_id} from {endpoint}: {reason}; run again to resume"
-            ) from None
-        except Exception as exc:  # httpx connection errors and the like: still one line, still resumable
-            if type(exc).__module__.split(".")[0] not in {"httpx", "httpx2", "httpcore"}:
+        except Exception as exc:
+            failure = hub_failure(exc)
+            if failure is None:
                 raise
-            raise StoreError(
-                f"could not reach {endpoint} for {model.repo_id}: {type(exc).__name__}: {_scrub(str(exc))}"
-            ) from None
+            raise _download_error(model, endpoint, failure) from None
         problems = model_problems(root, model)
         if problems:
             raise StoreError(

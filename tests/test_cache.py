@@ -579,3 +579,41 @@ def test_a_civitai_token_in_the_url_is_sent_as_a_header_and_never_shown(server, 
     assert [e.ref for e in cache.entries()] == [ref.partition("?")[0] + "?…"]
     assert all("USERSECRET" not in r.path for r in server.requests)
     assert any(r.headers.get("Authorization") == "Bearer USERSECRET" for r in server.requests)
+
+
+# --- Hub failures -----------------------------------------------------------------------------------------
+
+
+def _dead_url() -> str:
+    """A loopback URL nothing listens on (the port of a server just closed)."""
+    with FakeServer() as gone:
+        return gone.url
+
+
+@pytest.mark.parametrize("ref", ["huggingface.co/acme/x/lora.safetensors", "huggingface.co/acme/x"])
+def test_an_unreachable_hub_is_a_user_error_not_a_missing_file(env, monkeypatch, ref):
+    monkeypatch.setenv("HF_ENDPOINT", _dead_url())
+    monkeypatch.setattr("huggingface_hub.utils._http.time.sleep", lambda s: None)  # its own retries, at once
+    with pytest.raises(WeightsError, match="cannot reach the Hub") as info:
+        make_cache(env).fetch(ref)
+    assert not isinstance(info.value, WeightsNotFound)
+
+
+def test_an_unreachable_hub_is_one_line_from_the_command_line(env, monkeypatch, capsys):
+    from flux_lora import cli
+
+    monkeypatch.setenv("HF_ENDPOINT", _dead_url())
+    monkeypatch.setattr("huggingface_hub.utils._http.time.sleep", lambda s: None)
+    assert cli.main(["weights", "fetch", "huggingface.co/acme/x"]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("error: huggingface.co/acme/x: cannot reach the Hub"), err
+
+
+def test_the_shared_hub_error_mapping():
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    from flux_lora.hub import hub_failure
+
+    assert hub_failure(LocalEntryNotFoundError("offline")).kind == "unreachable"
+    assert hub_failure(EntryNotFoundError("gone")).kind == "entry"
+    assert hub_failure(KeyError("x")) is None

@@ -355,3 +355,12 @@ def test_models_option_is_validated() -> None:
     assert download_command(Path("/w"), ["dev"], safety=False) == (
         "FLUX_LORA_WEIGHTS=/w flux-lora weights download-base --models dev --no-safety"
     )
+
+
+def test_an_unreachable_hub_is_a_store_error_saying_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with FakeServer() as gone:
+        dead = gone.url
+    monkeypatch.setenv("HF_ENDPOINT", dead)
+    monkeypatch.setattr("huggingface_hub.utils._http.time.sleep", lambda s: None)
+    with pytest.raises(StoreError, match=f"could not reach {dead} for {SCHNELL}.*run again to resume"):
+        ensure_store(tmp_path / "w", models=["schnell"], safety=False)
