@@ -339,7 +339,7 @@ class WeightCache:
 
     def _from_hub(self, source: HuggingFaceRef, staged: Path, out: Path) -> None:
         """Download through huggingface_hub (HF_ENDPOINT, HF_TOKEN), choosing the file if not named."""
-        from huggingface_hub import HfApi, hf_hub_download
+        from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_download, hf_hub_url
 
         endpoint = os.environ.get("HF_ENDPOINT") or None
         token = os.environ.get("HF_TOKEN") or None
@@ -361,6 +361,9 @@ class WeightCache:
 
                 filename = choose_lora(list(sizes), names_of, what)
                 log.info("%s: using %s", what, filename)
+            else:  # a named file: its size from a HEAD request, so the cap holds before any byte is fetched
+                url = hf_hub_url(source.repo, filename, revision=source.revision, endpoint=endpoint)
+                sizes[filename] = get_hf_file_metadata(url, token=token, endpoint=endpoint).size
             size = sizes.get(filename)
             if size is not None and size > self.policy.max_bytes:
                 raise WeightsTooLarge(

@@ -617,3 +617,15 @@ def test_the_shared_hub_error_mapping():
     assert hub_failure(LocalEntryNotFoundError("offline")).kind == "unreachable"
     assert hub_failure(EntryNotFoundError("gone")).kind == "entry"
     assert hub_failure(KeyError("x")) is None
+
+
+@pytest.mark.parametrize("cdn", [False, True])
+def test_a_named_hub_file_over_the_cap_is_refused_before_downloading(server, env, cdn):
+    if cdn:
+        server.state.hub_cdn = server.alt_url
+    server.add_hub_repo("acme/big", {"lora.safetensors": peft_lora(pad=100_000), "small.safetensors": peft_lora()})
+    cache = make_cache(env, max_bytes=50_000)
+    with pytest.raises(WeightsTooLarge, match="FLUX_LORA_MAX_DOWNLOAD_BYTES"):
+        cache.fetch("huggingface.co/acme/big/lora.safetensors")
+    assert not [r for r in server.requests if r.method == "GET" and "lora.safetensors" in r.path]
+    assert cache.fetch("huggingface.co/acme/big/small.safetensors").read_bytes() == peft_lora()
