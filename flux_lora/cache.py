@@ -22,6 +22,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote_to_bytes
@@ -29,6 +30,7 @@ from urllib.parse import unquote_to_bytes
 from filelock import FileLock
 
 from flux_lora.errors import (
+    LocalFileRefused,
     NotALoraError,
     WeightsAuthError,
     WeightsError,
@@ -83,11 +85,13 @@ def _env_url(name: str, default: str) -> str:
 class WeightCache:
     """Turns LoRA references into verified local `.safetensors` files, cached on disk under LRU."""
 
-    def __init__(self, root: Path, policy: DownloadPolicy, max_bytes: int, min_free_bytes: int) -> None:
+    def __init__(self, root: Path, policy: DownloadPolicy, max_bytes: int, min_free_bytes: int,
+                 local_dirs: Sequence[Path] = ()) -> None:
         self.root = Path(root)
         self.policy = policy
         self.max_bytes = max_bytes
         self.min_free_bytes = min_free_bytes
+        self.local_dirs = tuple(Path(d).expanduser().resolve() for d in local_dirs)
         self.downloader = Downloader(policy)
         for sub in ("files", "locks", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
@@ -101,13 +105,20 @@ class WeightCache:
             timeout=settings.download_timeout,
             allow_private=settings.allow_private_urls,
         )
-        return cls(settings.cache_dir, policy, settings.cache_max_bytes, settings.cache_min_free_bytes)
+        return cls(settings.cache_dir, policy, settings.cache_max_bytes, settings.cache_min_free_bytes,
+                   settings.local_lora_dirs)
 
     # --- public API -------------------------------------------------------------------------------------
 
-    def fetch(self, ref: str) -> Path:
-        """The verified local `.safetensors` for `ref`: from the cache, or downloaded once and cached."""
+    def fetch(self, ref: str, allow_local: bool = False) -> Path:
+        """The verified local `.safetensors` for `ref`: from the cache, or downloaded once and cached.
+
+        Local paths and file:// URLs are read only with `allow_local` (COG_WEIGHTS, the command line) or
+        when under a FLUX_LORA_LOCAL_LORA_DIRS folder: a request must not make the server read its disk.
+        """
         source = parse_ref(ref)
+        if isinstance(source, LocalFile) and not allow_local:
+            self._check_local(source)
         if isinstance(source, LocalFile) and not _is_archive_path(source.path):
             path = Path(source.path).expanduser()
             if not path.is_file():
@@ -135,6 +146,17 @@ class WeightCache:
                 shutil.rmtree(staged, ignore_errors=True)
             self._add(key, _shown_ref(ref, source), final)
             return final
+
+    def _check_local(self, source: LocalFile) -> None:
+        """Refuse a local path outside the allowed folders, before touching it (its existence stays unknown)."""
+        path = Path(source.path).expanduser().resolve()  # symlinks and `..` resolved: no way out of a folder
+        if any(path.is_relative_to(folder) for folder in self.local_dirs):
+            return
+        where = "" if not self.local_dirs else " outside FLUX_LORA_LOCAL_LORA_DIRS"
+        raise LocalFileRefused(
+            f"local file paths{where} are not accepted here; give a URL, a Replicate, Hugging Face or CivitAI "
+            "reference, or a data: URI"
+        )
 
     def entries(self) -> list[CacheEntry]:
         """The cached files, most recently used first."""

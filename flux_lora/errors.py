@@ -31,3 +31,7 @@ class BlockedUrlError(WeightsError):
 
 class WeightsUnreachable(WeightsError):
     """The source could not be reached (no connection, timeout, outage): worth retrying later."""
+
+
+class LocalFileRefused(WeightsError):
+    """A local path (or file:// URL) where only remote references are accepted, e.g. a request field."""

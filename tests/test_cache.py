@@ -23,6 +23,7 @@ from flux_lora import http as http_mod
 from flux_lora.cache import WeightCache
 from flux_lora.errors import (
     BlockedUrlError,
+    LocalFileRefused,
     NotALoraError,
     WeightsAuthError,
     WeightsError,
@@ -186,10 +187,10 @@ def test_data_uris_and_local_files(cache, tmp_path):
     assert cache.fetch(tar_uri).read_bytes() == lora
     local = tmp_path / "mine.safetensors"
     local.write_bytes(lora)
-    assert cache.fetch(str(local)) == local  # used in place
+    assert cache.fetch(str(local), allow_local=True) == local  # used in place
     archive = tmp_path / "mine.tar"
     archive.write_bytes(tar_of({"a.safetensors": lora}))
-    assert cache.fetch(str(archive)).read_bytes() == lora
+    assert cache.fetch(str(archive), allow_local=True).read_bytes() == lora
     assert archive.exists()  # never moved
 
 
@@ -629,3 +630,35 @@ def test_a_named_hub_file_over_the_cap_is_refused_before_downloading(server, env
         cache.fetch("huggingface.co/acme/big/lora.safetensors")
     assert not [r for r in server.requests if r.method == "GET" and "lora.safetensors" in r.path]
     assert cache.fetch("huggingface.co/acme/big/small.safetensors").read_bytes() == peft_lora()
+
+
+# --- local paths -------------------------------------------------------------------------------------------
+
+
+def test_local_paths_are_refused_unless_allowed_and_say_nothing_about_the_file(env, tmp_path):
+    archive = tmp_path / "host.tar"
+    archive.write_bytes(tar_of({"a.safetensors": peft_lora()}))
+    cache = make_cache(env)
+    messages = set()
+    for ref in ("/etc/passwd", "/etc/nope", str(archive), "file:///etc/passwd", "../../etc/x.safetensors"):
+        with pytest.raises(LocalFileRefused) as info:
+            cache.fetch(ref)
+        messages.add(str(info.value))
+    assert len(messages) == 1 and "not accepted" in messages.pop()
+    assert_nothing_left(cache)
+    assert cache.fetch(str(archive), allow_local=True).read_bytes() == peft_lora()  # COG_WEIGHTS, the CLI
+
+
+def test_local_lora_dirs_allow_files_under_them_only(env, tmp_path, monkeypatch):
+    allowed = tmp_path / "loras"
+    allowed.mkdir()
+    (allowed / "mine.safetensors").write_bytes(peft_lora(23))
+    (tmp_path / "outside.safetensors").write_bytes(peft_lora(24))
+    (allowed / "link.safetensors").symlink_to(tmp_path / "outside.safetensors")
+    monkeypatch.setenv("FLUX_LORA_LOCAL_LORA_DIRS", f"{tmp_path / 'elsewhere'}{os.pathsep}{allowed}")
+    cache = WeightCache.from_settings(Settings.from_env())
+    assert cache.fetch(str(allowed / "mine.safetensors")).read_bytes() == peft_lora(23)
+    assert cache.fetch(f"file://{allowed}/mine.safetensors").read_bytes() == peft_lora(23)
+    for escape in (f"{allowed}/../outside.safetensors", str(allowed / "link.safetensors")):
+        with pytest.raises(LocalFileRefused, match="FLUX_LORA_LOCAL_LORA_DIRS"):
+            cache.fetch(escape)
