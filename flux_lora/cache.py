@@ -19,13 +19,14 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from urllib.parse import unquote_to_bytes
+from urllib.parse import unquote_to_bytes, urlsplit
 
 from filelock import FileLock
 
@@ -125,6 +126,16 @@ class WeightCache:
                 raise WeightsNotFound(f"local LoRA file {source.path!r} does not exist")
             verify_lora_file(path, f"local file {source.path!r}")
             return path
+        try:
+            pinned = self._pin(source)
+        except WeightsUnreachable as exc:
+            fallback = self._latest_for(source.cache_key)
+            if fallback is None:
+                raise
+            log.warning("%s; serving the copy cached earlier, which may not be the newest version", exc)
+            return fallback
+        alias = source.cache_key if pinned != source else None
+        source = pinned
         key = _key_of(source)
         digest = hashlib.sha256(key.encode()).hexdigest()[:32]
         hit = self._touch(key)
@@ -144,8 +155,35 @@ class WeightCache:
                 os.replace(staged / "lora.safetensors", final)
             finally:
                 shutil.rmtree(staged, ignore_errors=True)
-            self._add(key, _shown_ref(ref, source), final)
+            self._add(key, _shown_ref(ref, source), final, alias)
             return final
+
+    def _pin(self, source: Source) -> Source:
+        """An unversioned reference pinned to what it names right now (one small request), so that a newly
+        pushed version is a new cache key, while an unchanged one is a hit without downloading."""
+        if isinstance(source, ReplicateRef) and source.version is None:
+            location = self.downloader.locate(self._target(source))  # `_weights` redirects to the latest file
+            return replace(source, weights_url=location) if location else source
+        if isinstance(source, HuggingFaceRef) and not re.fullmatch(r"[0-9a-f]{40}", source.revision or ""):
+            from huggingface_hub import HfApi
+
+            endpoint, token = _hub_access()
+            try:
+                sha = HfApi(endpoint=endpoint, token=token).model_info(source.repo, revision=source.revision).sha
+            except Exception as exc:
+                failure = hub_failure(exc)
+                if failure is None:
+                    raise
+                raise _hub_error(failure, _describe(source), source, source.filename, token) from None
+            return replace(source, revision=sha) if sha else source
+        return source
+
+    def _latest_for(self, alias: str) -> Path | None:
+        """The newest cached file an unversioned reference was pinned to, for when its source is unreachable."""
+        with self._index_lock:
+            index = self._read_index()
+        keys = [k for k, v in index.items() if v.get("alias") == alias]
+        return self._touch(max(keys, key=lambda k: index[k]["created"])) if keys else None
 
     def _check_local(self, source: LocalFile) -> None:
         """Refuse a local path outside the allowed folders, before touching it (its existence stays unknown)."""
@@ -232,12 +270,15 @@ class WeightCache:
             log.info("LoRA %s: cached at %s", value["ref"], path)
             return path
 
-    def _add(self, key: str, ref: str, path: Path) -> None:
+    def _add(self, key: str, ref: str, path: Path, alias: str | None = None) -> None:
+        """Index a verified file; `alias` is the unversioned key it was pinned from (see `_latest_for`)."""
         now = time.time()
         with self._index_lock:
             index = self._read_index()
             index[key] = {"ref": ref, "file": path.name, "size": path.stat().st_size, "created": now,
                           "last_used": now}
+            if alias is not None:
+                index[key]["alias"] = alias
             self._write_index(index)
             self._evict(index, keep=key)
 
@@ -308,8 +349,10 @@ class WeightCache:
             base = _env_url("FLUX_LORA_REPLICATE_URL", "https://replicate.com")
             version = f"/versions/{source.version}" if source.version else ""
             path = f"/{source.owner}/{source.model}{version}"
+            url = source.weights_url or f"{base}{path}/_weights"
+            same_origin = urlsplit(url)[:2] == urlsplit(base)[:2]  # the token goes to Replicate only
             return Target(
-                f"{base}{path}/_weights", what, _bearer("REPLICATE_API_TOKEN"),
+                url, what, _bearer("REPLICATE_API_TOKEN") if same_origin else {},
                 auth_hint="set REPLICATE_API_TOKEN to a token that can read this model",
                 not_found_hint="check the owner, model and version names",
             )
@@ -363,8 +406,7 @@ class WeightCache:
         """Download through huggingface_hub (HF_ENDPOINT, HF_TOKEN), choosing the file if not named."""
         from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_download, hf_hub_url
 
-        endpoint = os.environ.get("HF_ENDPOINT") or None
-        token = os.environ.get("HF_TOKEN") or None
+        endpoint, token = _hub_access()
         what = _describe(source)
         api = HfApi(endpoint=endpoint, token=token)
         filename = source.filename
@@ -405,6 +447,11 @@ class WeightCache:
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
+
+
+def _hub_access() -> tuple[str | None, str | None]:
+    """The Hub endpoint and token (HF_ENDPOINT, HF_TOKEN), read at each call."""
+    return os.environ.get("HF_ENDPOINT") or None, os.environ.get("HF_TOKEN") or None
 
 
 def _hub_error(failure: HubFailure, what: str, source: HuggingFaceRef, filename: str | None,

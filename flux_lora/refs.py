@@ -63,10 +63,12 @@ class ReplicateRef:
     owner: str
     model: str
     version: str | None = None
+    weights_url: str | None = None  # where `_weights` redirected when resolved (the latest version's file)
 
     @property
     def cache_key(self) -> str:
-        return f"replicate:{self.owner}/{self.model}" + (f"/versions/{self.version}" if self.version else "")
+        key = f"replicate:{self.owner}/{self.model}" + (f"/versions/{self.version}" if self.version else "")
+        return key + (f"@{redact_url(self.weights_url).removesuffix('?…')}" if self.weights_url else "")
 
 
 @dataclass(frozen=True)

@@ -662,3 +662,44 @@ def test_local_lora_dirs_allow_files_under_them_only(env, tmp_path, monkeypatch)
     for escape in (f"{allowed}/../outside.safetensors", str(allowed / "link.safetensors")):
         with pytest.raises(LocalFileRefused, match="FLUX_LORA_LOCAL_LORA_DIRS"):
             cache.fetch(escape)
+
+
+# --- unversioned references follow new versions --------------------------------------------------------------
+
+
+def test_an_unversioned_replicate_model_follows_its_latest_version(server, env, caplog):
+    v1, v2 = peft_lora(25), peft_lora(26)
+    v1_tar = server.add_file("/delivery/v1/trained_model.tar", tar_of({"lora.safetensors": v1}))
+    server.add_redirect("/acme/live/_weights", v1_tar)
+    cache = make_cache(env, retries=0)
+    assert cache.fetch("acme/live").read_bytes() == v1
+    v2_tar = server.add_file("/delivery/v2/trained_model.tar", tar_of({"lora.safetensors": v2}))
+    server.add_redirect("/acme/live/_weights", v2_tar)
+    assert cache.fetch("acme/live").read_bytes() == v2  # a new version is downloaded
+    assert cache.fetch("replicate.com/acme/live").read_bytes() == v2  # unchanged: a hit, one small request
+    assert server.count("GET", "/delivery/v2/") == 1 and server.count("GET", "/acme/live/_weights") == 3
+    server.fault("/acme/live/_weights", "status", times=-1, status=503)  # Replicate is down: the last copy
+    with caplog.at_level("WARNING"):
+        assert cache.fetch("acme/live").read_bytes() == v2
+    assert "cached earlier" in caplog.text
+    server.fault("/acme/new/_weights", "status", times=-1, status=503)
+    with pytest.raises(WeightsError, match="HTTP 503"):  # nothing cached to fall back on
+        cache.fetch("acme/new")
+
+
+@pytest.mark.parametrize("ref", ["huggingface.co/acme/live", "huggingface.co/acme/live/lora.safetensors"])
+def test_an_unversioned_hub_reference_follows_the_branch_head(server, env, monkeypatch, caplog, ref):
+    v1, v2 = peft_lora(27), peft_lora(28)
+    server.add_hub_repo("acme/live", {"lora.safetensors": v1})
+    cache = make_cache(env)
+    assert cache.fetch(ref).read_bytes() == v1
+    server.add_hub_repo("acme/live", {"lora.safetensors": v2})  # a new commit on main
+    assert cache.fetch(ref).read_bytes() == v2
+    downloads = server.count("GET", "/acme/live/resolve/")
+    assert cache.fetch(ref).read_bytes() == v2
+    assert server.count("GET", "/acme/live/resolve/") == downloads  # same commit: no download
+    monkeypatch.setenv("HF_ENDPOINT", _dead_url())
+    monkeypatch.setattr("huggingface_hub.utils._http.time.sleep", lambda s: None)
+    with caplog.at_level("WARNING"):
+        assert cache.fetch(ref).read_bytes() == v2
+    assert "cannot reach the Hub" in caplog.text and "cached earlier" in caplog.text
