@@ -18,8 +18,9 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from flux_lora.errors import UserError
+from flux_lora.errors import NotALoraError, UserError
 from flux_lora.hub import HubFailure, hub_failure
+from flux_lora.weightfile import read_header
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,6 @@ COMPLETE_MARKER = ".complete"
 LOCKS_DIR = ".locks"
 
 HUB_URL = "https://huggingface.co"
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors refuses larger headers too
 
 
 class StoreError(UserError):
@@ -123,25 +123,15 @@ def safetensors_problem(path: Path, expect_tensors: Iterable[str] = ()) -> str |
     """
     try:
         size = path.stat().st_size
+        with path.open("rb") as f:
+            header = read_header(f, None, "it")  # the LoRA cache's parser: dtypes, shapes and offsets agree
     except FileNotFoundError:
         return "missing"
-    if size < 8:
-        return f"truncated ({size} bytes)"
-    with path.open("rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        if header_len > min(size - 8, MAX_HEADER_BYTES):
-            return f"truncated or not safetensors (header of {header_len} bytes in a {size}-byte file)"
-        try:
-            header = json.loads(f.read(header_len))
-            end = max(
-                (int(t["data_offsets"][1]) for name, t in header.items() if name != "__metadata__"), default=0
-            )
-        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
-            return "unreadable safetensors header"
-    expected = 8 + header_len + end
-    if size != expected:
-        return f"{size} bytes, its header says {expected}"
-    absent = sorted(set(expect_tensors) - header.keys())
+    except NotALoraError as exc:
+        return str(exc)
+    if size != header.total_len:
+        return f"{size} bytes, its header says {header.total_len}"
+    absent = sorted(set(expect_tensors) - header.tensors.keys())
     if absent:
         return f"lacks {len(absent)} tensor(s) its index puts there, e.g. {absent[0]}"
     return None

@@ -333,6 +333,11 @@ def test_safetensors_verification_uses_the_header_sizes(tmp_path: Path) -> None:
     bad.write_bytes(good.read_bytes()[:20])
     assert "truncated" in safetensors_problem(bad)
     assert safetensors_problem(tmp_path / "none.safetensors") == "missing"
+    # Offsets that do not add up are caught too (the LoRA cache's parser): a gap between two tensors.
+    header = json.dumps({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                         "y": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}}).encode()
+    bad.write_bytes(len(header).to_bytes(8, "little") + header + bytes(12))
+    assert "gapped" in safetensors_problem(bad)
 
 
 def test_an_index_naming_a_missing_shard_is_incomplete(tmp_path: Path) -> None:
