@@ -8,8 +8,9 @@ Layout of the cache directory (shared by every process and thread that uses it):
     locks/<hash>.lock     one per cache key: held while that key downloads, so it downloads once
     tmp/<hash>.*          downloads in progress; renamed into files/ only after verification
 
-A crash mid-download leaves only a tmp file, removed by the next fetch of that key (or `clear`);
-the index never names a file that was not verified.
+A crash mid-download leaves only a tmp file, removed by the next fetch of that key, by `clear`, or
+once it is an hour old and its key unlocked, whenever a cache opens or makes room; the index never
+names a file that was not verified.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import unquote_to_bytes, urlsplit
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from flux_lora.errors import (
     LocalFileRefused,
@@ -66,6 +67,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["CacheEntry", "WeightCache", "WeightsError"]
 
+STALE_TMP_SECONDS = 3600  # a partial download untouched this long, its key unlocked, was left by a crash
+
 
 @dataclass(frozen=True)
 class CacheEntry:
@@ -97,6 +100,7 @@ class WeightCache:
         for sub in ("files", "locks", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._index_lock = FileLock(self.root / "index.lock")
+        self._clean_stale_tmp()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> WeightCache:
@@ -288,8 +292,30 @@ class WeightCache:
         return shutil.disk_usage(self.root).free
 
     def _make_room(self, incoming: int) -> None:
+        self._clean_stale_tmp()
         with self._index_lock:
             self._evict(self._read_index(), keep=None, incoming=incoming)
+
+    def _clean_stale_tmp(self) -> None:
+        """Remove partial downloads a crashed process left (older than STALE_TMP_SECONDS, key not locked):
+        they take disk space the byte budget does not see."""
+        cutoff = time.time() - STALE_TMP_SECONDS
+        for leftover in (self.root / "tmp").iterdir():
+            try:
+                if leftover.stat().st_mtime > cutoff:
+                    continue
+            except FileNotFoundError:
+                continue
+            lock = FileLock(self.root / "locks" / f"{leftover.name.split('.')[0]}.lock", timeout=0)
+            try:
+                with lock:  # held by a live download of that key: not stale, just slow
+                    if leftover.is_dir():
+                        shutil.rmtree(leftover, ignore_errors=True)
+                    else:
+                        leftover.unlink(missing_ok=True)
+            except Timeout:
+                continue
+            log.info("removed a stale partial download %s from the LoRA cache", leftover.name)
 
     def _evict(self, index: dict[str, dict], keep: str | None, incoming: int = 0) -> None:
         """Drop least-recently-used entries until under the byte budget and above the free-disk floor.

@@ -703,3 +703,19 @@ def test_an_unversioned_hub_reference_follows_the_branch_head(server, env, monke
     with caplog.at_level("WARNING"):
         assert cache.fetch(ref).read_bytes() == v2
     assert "cannot reach the Hub" in caplog.text and "cached earlier" in caplog.text
+
+
+def test_stale_partial_downloads_are_cleaned_when_the_cache_opens(env):
+    from filelock import FileLock
+
+    make_cache(env)
+    tmp = env / "cache" / "tmp"
+    old = time.time() - 2 * 3600
+    for name in ("a" * 32 + ".1.x", "b" * 32 + ".1.x", "c" * 32 + ".1.x"):
+        (tmp / name).mkdir()
+        (tmp / name / "payload").write_bytes(b"x" * 1000)
+        if not name.startswith("c"):
+            os.utime(tmp / name, (old, old))
+    with FileLock(env / "cache" / "locks" / f"{'b' * 32}.lock"):  # another process is still downloading it
+        make_cache(env)
+    assert sorted(p.name[0] for p in tmp.iterdir()) == ["b", "c"]  # stale and unlocked: gone
