@@ -512,6 +512,7 @@ def test_a_killed_download_leaves_no_entry(server, env):
     deadline = time.time() + 20
     while server.count("GET", "/killed.safetensors") == 0 and time.time() < deadline:
         time.sleep(0.05)
+    assert server.count("GET", "/killed.safetensors"), "the download never started"
     time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
