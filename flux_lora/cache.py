@@ -8,8 +8,9 @@ Layout of the cache directory (shared by every process and thread that uses it):
     locks/<hash>.lock     one per cache key: held while that key downloads, so it downloads once
     tmp/<hash>.*          downloads in progress; renamed into files/ only after verification
 
-A crash mid-download leaves only a tmp file, removed by the next fetch of that key (or `clear`);
-the index never names a file that was not verified.
+A crash mid-download leaves only a tmp file, removed by the next fetch of that key, by `clear`, or
+once it is an hour old and its key unlocked, whenever a cache opens or makes room; the index never
+names a file that was not verified.
 """
 
 from __future__ import annotations
@@ -19,17 +20,28 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from urllib.parse import unquote_to_bytes
+from urllib.parse import unquote_to_bytes, urlsplit
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
-from flux_lora.errors import NotALoraError, WeightsAuthError, WeightsError, WeightsNotFound, WeightsTooLarge
+from flux_lora.errors import (
+    LocalFileRefused,
+    NotALoraError,
+    WeightsAuthError,
+    WeightsError,
+    WeightsNotFound,
+    WeightsTooLarge,
+    WeightsUnreachable,
+)
 from flux_lora.http import Downloader, DownloadPolicy, Target
+from flux_lora.hub import HubFailure, hub_failure
 from flux_lora.refs import (
     CivitaiModelRef,
     CivitaiVersionRef,
@@ -55,6 +67,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["CacheEntry", "WeightCache", "WeightsError"]
 
+STALE_TMP_SECONDS = 3600  # a partial download untouched this long, its key unlocked, was left by a crash
+
 
 @dataclass(frozen=True)
 class CacheEntry:
@@ -75,15 +89,18 @@ def _env_url(name: str, default: str) -> str:
 class WeightCache:
     """Turns LoRA references into verified local `.safetensors` files, cached on disk under LRU."""
 
-    def __init__(self, root: Path, policy: DownloadPolicy, max_bytes: int, min_free_bytes: int) -> None:
+    def __init__(self, root: Path, policy: DownloadPolicy, max_bytes: int, min_free_bytes: int,
+                 local_dirs: Sequence[Path] = ()) -> None:
         self.root = Path(root)
         self.policy = policy
         self.max_bytes = max_bytes
         self.min_free_bytes = min_free_bytes
+        self.local_dirs = tuple(Path(d).expanduser().resolve() for d in local_dirs)
         self.downloader = Downloader(policy)
         for sub in ("files", "locks", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._index_lock = FileLock(self.root / "index.lock")
+        self._clean_stale_tmp()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> WeightCache:
@@ -93,19 +110,36 @@ class WeightCache:
             timeout=settings.download_timeout,
             allow_private=settings.allow_private_urls,
         )
-        return cls(settings.cache_dir, policy, settings.cache_max_bytes, settings.cache_min_free_bytes)
+        return cls(settings.cache_dir, policy, settings.cache_max_bytes, settings.cache_min_free_bytes,
+                   settings.local_lora_dirs)
 
     # --- public API -------------------------------------------------------------------------------------
 
-    def fetch(self, ref: str) -> Path:
-        """The verified local `.safetensors` for `ref`: from the cache, or downloaded once and cached."""
+    def fetch(self, ref: str, allow_local: bool = False) -> Path:
+        """The verified local `.safetensors` for `ref`: from the cache, or downloaded once and cached.
+
+        Local paths and file:// URLs are read only with `allow_local` (COG_WEIGHTS, the command line) or
+        when under a FLUX_LORA_LOCAL_LORA_DIRS folder: a request must not make the server read its disk.
+        """
         source = parse_ref(ref)
+        if isinstance(source, LocalFile) and not allow_local:
+            self._check_local(source)
         if isinstance(source, LocalFile) and not _is_archive_path(source.path):
             path = Path(source.path).expanduser()
             if not path.is_file():
                 raise WeightsNotFound(f"local LoRA file {source.path!r} does not exist")
             verify_lora_file(path, f"local file {source.path!r}")
             return path
+        try:
+            pinned = self._pin(source)
+        except WeightsUnreachable as exc:
+            fallback = self._latest_for(source.cache_key)
+            if fallback is None:
+                raise
+            log.warning("%s; serving the copy cached earlier, which may not be the newest version", exc)
+            return fallback
+        alias = source.cache_key if pinned != source else None
+        source = pinned
         key = _key_of(source)
         digest = hashlib.sha256(key.encode()).hexdigest()[:32]
         hit = self._touch(key)
@@ -125,8 +159,46 @@ class WeightCache:
                 os.replace(staged / "lora.safetensors", final)
             finally:
                 shutil.rmtree(staged, ignore_errors=True)
-            self._add(key, _shown_ref(ref, source), final)
+            self._add(key, _shown_ref(ref, source), final, alias)
             return final
+
+    def _pin(self, source: Source) -> Source:
+        """An unversioned reference pinned to what it names right now (one small request), so that a newly
+        pushed version is a new cache key, while an unchanged one is a hit without downloading."""
+        if isinstance(source, ReplicateRef) and source.version is None:
+            location = self.downloader.locate(self._target(source))  # `_weights` redirects to the latest file
+            return replace(source, weights_url=location) if location else source
+        if isinstance(source, HuggingFaceRef) and not re.fullmatch(r"[0-9a-f]{40}", source.revision or ""):
+            from huggingface_hub import HfApi
+
+            endpoint, token = _hub_access()
+            try:
+                sha = HfApi(endpoint=endpoint, token=token).model_info(source.repo, revision=source.revision).sha
+            except Exception as exc:
+                failure = hub_failure(exc)
+                if failure is None:
+                    raise
+                raise _hub_error(failure, _describe(source), source, source.filename, token) from None
+            return replace(source, revision=sha) if sha else source
+        return source
+
+    def _latest_for(self, alias: str) -> Path | None:
+        """The newest cached file an unversioned reference was pinned to, for when its source is unreachable."""
+        with self._index_lock:
+            index = self._read_index()
+        keys = [k for k, v in index.items() if v.get("alias") == alias]
+        return self._touch(max(keys, key=lambda k: index[k]["created"])) if keys else None
+
+    def _check_local(self, source: LocalFile) -> None:
+        """Refuse a local path outside the allowed folders, before touching it (its existence stays unknown)."""
+        path = Path(source.path).expanduser().resolve()  # symlinks and `..` resolved: no way out of a folder
+        if any(path.is_relative_to(folder) for folder in self.local_dirs):
+            return
+        where = "" if not self.local_dirs else " outside FLUX_LORA_LOCAL_LORA_DIRS"
+        raise LocalFileRefused(
+            f"local file paths{where} are not accepted here; give a URL, a Replicate, Hugging Face or CivitAI "
+            "reference, or a data: URI"
+        )
 
     def entries(self) -> list[CacheEntry]:
         """The cached files, most recently used first."""
@@ -202,12 +274,15 @@ class WeightCache:
             log.info("LoRA %s: cached at %s", value["ref"], path)
             return path
 
-    def _add(self, key: str, ref: str, path: Path) -> None:
+    def _add(self, key: str, ref: str, path: Path, alias: str | None = None) -> None:
+        """Index a verified file; `alias` is the unversioned key it was pinned from (see `_latest_for`)."""
         now = time.time()
         with self._index_lock:
             index = self._read_index()
             index[key] = {"ref": ref, "file": path.name, "size": path.stat().st_size, "created": now,
                           "last_used": now}
+            if alias is not None:
+                index[key]["alias"] = alias
             self._write_index(index)
             self._evict(index, keep=key)
 
@@ -217,8 +292,30 @@ class WeightCache:
         return shutil.disk_usage(self.root).free
 
     def _make_room(self, incoming: int) -> None:
+        self._clean_stale_tmp()
         with self._index_lock:
             self._evict(self._read_index(), keep=None, incoming=incoming)
+
+    def _clean_stale_tmp(self) -> None:
+        """Remove partial downloads a crashed process left (older than STALE_TMP_SECONDS, key not locked):
+        they take disk space the byte budget does not see."""
+        cutoff = time.time() - STALE_TMP_SECONDS
+        for leftover in (self.root / "tmp").iterdir():
+            try:
+                if leftover.stat().st_mtime > cutoff:
+                    continue
+            except FileNotFoundError:
+                continue
+            lock = FileLock(self.root / "locks" / f"{leftover.name.split('.')[0]}.lock", timeout=0)
+            try:
+                with lock:  # held by a live download of that key: not stale, just slow
+                    if leftover.is_dir():
+                        shutil.rmtree(leftover, ignore_errors=True)
+                    else:
+                        leftover.unlink(missing_ok=True)
+            except Timeout:
+                continue
+            log.info("removed a stale partial download %s from the LoRA cache", leftover.name)
 
     def _evict(self, index: dict[str, dict], keep: str | None, incoming: int = 0) -> None:
         """Drop least-recently-used entries until under the byte budget and above the free-disk floor.
@@ -278,8 +375,10 @@ class WeightCache:
             base = _env_url("FLUX_LORA_REPLICATE_URL", "https://replicate.com")
             version = f"/versions/{source.version}" if source.version else ""
             path = f"/{source.owner}/{source.model}{version}"
+            url = source.weights_url or f"{base}{path}/_weights"
+            same_origin = urlsplit(url)[:2] == urlsplit(base)[:2]  # the token goes to Replicate only
             return Target(
-                f"{base}{path}/_weights", what, _bearer("REPLICATE_API_TOKEN"),
+                url, what, _bearer("REPLICATE_API_TOKEN") if same_origin else {},
                 auth_hint="set REPLICATE_API_TOKEN to a token that can read this model",
                 not_found_hint="check the owner, model and version names",
             )
@@ -288,7 +387,7 @@ class WeightCache:
         if isinstance(source, CivitaiVersionRef):
             base = _env_url("FLUX_LORA_CIVITAI_URL", "https://civitai.com")
             url = f"{base}/api/download/models/{source.version_id}"
-            return _civitai_download(url, what, source.version_id)
+            return _civitai_download(url, what, source.version_id, source.token)
         if isinstance(source, ReplicateDeliveryUrl | HttpUrl):
             return Target(
                 source.url, what, auth_hint="the URL may need a signature, or its signature expired",
@@ -301,7 +400,7 @@ class WeightCache:
         base = _env_url("FLUX_LORA_CIVITAI_URL", "https://civitai.com")
         what = _describe(source)
         model = self.downloader.get_json(Target(
-            f"{base}/api/v1/models/{source.model_id}", what, _bearer("CIVITAI_API_TOKEN"),
+            f"{base}/api/v1/models/{source.model_id}", what, _civitai_auth(source.token),
             auth_hint="set CIVITAI_API_TOKEN to an API key that can read it",
             not_found_hint=(
                 f"{source.model_id} is not a CivitAI model id; if it is a version id (modelVersionId), "
@@ -327,25 +426,17 @@ class WeightCache:
         chosen = next((f for f in files if f.get("primary")), None) or next(
             (f for f in files if f.get("type") == "Model"), files[0])
         url = chosen.get("downloadUrl") or f"{base}/api/download/models/{version['id']}"
-        return _civitai_download(url, f"{what} version {version.get('id')}", version.get("id"))
+        return _civitai_download(url, f"{what} version {version.get('id')}", version.get("id"), source.token)
 
     def _from_hub(self, source: HuggingFaceRef, staged: Path, out: Path) -> None:
         """Download through huggingface_hub (HF_ENDPOINT, HF_TOKEN), choosing the file if not named."""
-        from huggingface_hub import HfApi, hf_hub_download
-        from huggingface_hub.errors import (
-            EntryNotFoundError,
-            GatedRepoError,
-            HfHubHTTPError,
-            RepositoryNotFoundError,
-            RevisionNotFoundError,
-        )
+        from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_download, hf_hub_url
 
-        endpoint = os.environ.get("HF_ENDPOINT") or None
-        token = os.environ.get("HF_TOKEN") or None
+        endpoint, token = _hub_access()
         what = _describe(source)
         api = HfApi(endpoint=endpoint, token=token)
+        filename = source.filename
         try:
-            filename = source.filename
             sizes: dict[str, int | None] = {}
             if filename is None:
                 files = [
@@ -360,6 +451,9 @@ class WeightCache:
 
                 filename = choose_lora(list(sizes), names_of, what)
                 log.info("%s: using %s", what, filename)
+            else:  # a named file: its size from a HEAD request, so the cap holds before any byte is fetched
+                url = hf_hub_url(source.repo, filename, revision=source.revision, endpoint=endpoint)
+                sizes[filename] = get_hf_file_metadata(url, token=token, endpoint=endpoint).size
             size = sizes.get(filename)
             if size is not None and size > self.policy.max_bytes:
                 raise WeightsTooLarge(
@@ -370,28 +464,42 @@ class WeightCache:
                 source.repo, filename, revision=source.revision, local_dir=staged / "hub", endpoint=endpoint,
                 token=token,
             )
-        except GatedRepoError:
-            raise WeightsAuthError(f"{what} is gated: accept its terms on the Hub and set HF_TOKEN") from None
-        except RepositoryNotFoundError:
-            hint = "" if token else "; if it is private or gated, set HF_TOKEN"
-            raise WeightsNotFound(f"{what}: repository not found{hint}") from None
-        except RevisionNotFoundError:
-            raise WeightsNotFound(f"{what}: revision {source.revision!r} not found") from None
-        except EntryNotFoundError:
-            raise WeightsNotFound(f"{what}: file {source.filename!r} not found in the repository") from None
-        except HfHubHTTPError as exc:
-            status = exc.response.status_code if exc.response is not None else "?"
-            if status in (401, 403):
-                raise WeightsAuthError(f"{what}: access denied (HTTP {status}); set HF_TOKEN") from None
-            raise WeightsError(f"{what}: the Hub answered HTTP {status}") from None
-        except OSError as exc:
-            if isinstance(exc, WeightsError):
+        except Exception as exc:
+            failure = hub_failure(exc)
+            if failure is None:
                 raise
-            raise WeightsError(f"{what}: download failed ({type(exc).__name__})") from None
+            raise _hub_error(failure, what, source, filename, token) from None
         os.replace(local, out)
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
+
+
+def _hub_access() -> tuple[str | None, str | None]:
+    """The Hub endpoint and token (HF_ENDPOINT, HF_TOKEN), read at each call."""
+    return os.environ.get("HF_ENDPOINT") or None, os.environ.get("HF_TOKEN") or None
+
+
+def _hub_error(failure: HubFailure, what: str, source: HuggingFaceRef, filename: str | None,
+               token: str | None) -> WeightsError:
+    """The user's error for a failed Hub call on a LoRA reference."""
+    if failure.kind == "gated":
+        return WeightsAuthError(f"{what} is gated: accept its terms on the Hub and set HF_TOKEN")
+    if failure.kind == "repo":
+        hint = "" if token else "; if it is private or gated, set HF_TOKEN"
+        return WeightsNotFound(f"{what}: repository not found{hint}")
+    if failure.kind == "revision":
+        return WeightsNotFound(f"{what}: revision {source.revision!r} not found")
+    if failure.kind == "entry":
+        return WeightsNotFound(f"{what}: file {filename!r} not found in the repository")
+    if failure.kind == "denied":
+        return WeightsAuthError(f"{what}: access denied (HTTP {failure.status}); set HF_TOKEN")
+    if failure.kind == "unreachable":
+        endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+        return WeightsUnreachable(f"{what}: cannot reach the Hub at {endpoint} ({failure.detail})")
+    if failure.kind == "http":
+        return WeightsError(f"{what}: the Hub answered HTTP {failure.status}")
+    return WeightsError(f"{what}: download failed ({failure.detail})")
 
 
 def _bearer(env: str) -> dict[str, str]:
@@ -399,9 +507,15 @@ def _bearer(env: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def _civitai_download(url: str, what: str, version_id: object) -> Target:
+def _civitai_auth(url_token: str | None) -> dict[str, str]:
+    """CIVITAI_API_TOKEN, else the `?token=` the user put in the reference: always a header, never the URL."""
+    headers = _bearer("CIVITAI_API_TOKEN")
+    return headers or ({"Authorization": f"Bearer {url_token}"} if url_token else {})
+
+
+def _civitai_download(url: str, what: str, version_id: object, url_token: str | None = None) -> Target:
     return Target(
-        url, what, _bearer("CIVITAI_API_TOKEN"),
+        url, what, _civitai_auth(url_token),
         auth_hint="this CivitAI model needs a login: set CIVITAI_API_TOKEN to your API key",
         not_found_hint=(
             f"{version_id} is not a CivitAI model version id; "
@@ -444,12 +558,12 @@ def _describe(source: Source) -> str:
 
 
 def _shown_ref(ref: str, source: Source) -> str:
-    """The reference as `weights list` shows it: URLs without their query string."""
-    if isinstance(source, ReplicateDeliveryUrl | HttpUrl):
-        return redact_url(source.url)
+    """The reference as the index, `weights list` and logs show it: never a query string (tokens live there)."""
     if isinstance(source, DataUri):
         return source.uri[:40] + ("..." if len(source.uri) > 40 else "")
-    return ref.strip()
+    if isinstance(source, LocalFile):
+        return source.path
+    return redact_url(ref.strip())
 
 
 def _decode_data_uri(uri: str, max_bytes: int, dest: Path) -> Path:

@@ -46,7 +46,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_weights_fetch(args: argparse.Namespace) -> int:
     from flux_lora.cache import WeightCache
 
-    print(WeightCache.from_settings(Settings.from_env()).fetch(args.ref))
+    print(WeightCache.from_settings(Settings.from_env()).fetch(args.ref, allow_local=True))  # the operator's own files
     return 0
 
 

@@ -27,3 +27,11 @@ class NotALoraError(WeightsError):
 
 class BlockedUrlError(WeightsError):
     """The URL points at a loopback, private, link-local or metadata address."""
+
+
+class WeightsUnreachable(WeightsError):
+    """The source could not be reached (no connection, timeout, outage): worth retrying later."""
+
+
+class LocalFileRefused(WeightsError):
+    """A local path (or file:// URL) where only remote references are accepted, e.g. a request field."""

@@ -35,6 +35,7 @@ from flux_lora.errors import (
     WeightsError,
     WeightsNotFound,
     WeightsTooLarge,
+    WeightsUnreachable,
 )
 from flux_lora.refs import redact_url
 
@@ -119,6 +120,8 @@ def _status_error(status: int, target: Target) -> WeightsError:
         return WeightsNotFound(f"{target.what}: not found (HTTP {status}){hint}")
     if status == 416:
         return NotALoraError(f"{target.what}: the server holds an empty file")
+    if status in RETRY_STATUSES:
+        return WeightsUnreachable(f"{target.what}: the server answered HTTP {status}")
     return WeightsError(f"{target.what}: the server answered HTTP {status}")
 
 
@@ -142,8 +145,12 @@ class Downloader:
 
     # --- requests with checked redirects -------------------------------------------------------------
 
-    def _request(self, target: Target, url: str, headers: dict[str, str]) -> tuple[requests.Response, str]:
-        """GET `url` following redirects by hand, checking each hop; auth only on the target's origin."""
+    def _request(self, target: Target, url: str, headers: dict[str, str],
+                 follow: bool = True) -> tuple[requests.Response, str]:
+        """GET `url` following redirects by hand, checking each hop; auth only on the target's origin.
+
+        With `follow` False a redirect is returned as the answer (its Location unvisited).
+        """
         for _ in range(MAX_REDIRECTS + 1):
             check_url(url, self.policy.allow_private)
             sent = dict(headers)
@@ -155,11 +162,11 @@ class Downloader:
                     timeout=(min(self.policy.timeout, 30.0), self.policy.timeout),
                 )
             except requests.Timeout:
-                raise _Transient(WeightsError(f"{target.what}: timed out")) from None
+                raise _Transient(WeightsUnreachable(f"{target.what}: timed out")) from None
             except requests.RequestException as exc:
                 reason = type(exc).__name__
-                raise _Transient(WeightsError(f"{target.what}: connection failed ({reason})")) from None
-            if response.is_redirect and "Location" in response.headers:
+                raise _Transient(WeightsUnreachable(f"{target.what}: connection failed ({reason})")) from None
+            if follow and response.is_redirect and "Location" in response.headers:
                 url = urljoin(url, response.headers["Location"])
                 response.close()
                 continue
@@ -199,6 +206,18 @@ class Downloader:
                 return requests.compat.json.loads(body)
             except ValueError:
                 raise WeightsError(f"{target.what}: the API did not answer JSON") from None
+
+        return self._retrying(target, attempt)
+
+    def locate(self, target: Target) -> str | None:
+        """Where `target` redirects to (one request, its body unread), or None when it answers itself."""
+
+        def attempt() -> str | None:
+            response, url = self._request(target, target.url, {"Accept-Encoding": "identity"}, follow=False)
+            with response:
+                if response.is_redirect and "Location" in response.headers:
+                    return urljoin(url, response.headers["Location"])
+                return None
 
         return self._retrying(target, attempt)
 

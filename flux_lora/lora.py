@@ -422,7 +422,7 @@ def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 class _Lru:
-    """Converted LoRAs by reference, bounded in bytes (the newest entry always stays)."""
+    """Converted LoRAs by file identity, bounded in bytes (the newest entry always stays)."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
@@ -508,7 +508,7 @@ class LoraManager:
         self.cache = _Lru(memory_bytes)
         first = next(iter(transformers.values()))
         self.names = ModelNames.of(first, text_encoder)
-        # component id -> slot -> reference currently loaded there
+        # component id -> slot -> identity (path:size:mtime) of the file loaded there
         self._loaded: dict[int, dict[str, str]] = {}
         self._hotswap_ready: set[int] = set()
         self.loads = 0  # adapter loads so far (tests and the benchmark read it)
@@ -518,11 +518,10 @@ class LoraManager:
         dev = pipelines.text2img["dev"]  # type: ignore[attr-defined]
         return cls(pipelines.transformers, dev.text_encoder, resolve, **kwargs)  # type: ignore[attr-defined]
 
-    def converted(self, ref: str, field: str) -> ConvertedLora:
-        """The converted LoRA for a reference, from memory when recently used."""
-        cached = self.cache.get(ref)
-        if cached is not None:
-            return cached
+    def converted(self, ref: str, field: str) -> tuple[str, ConvertedLora]:
+        """The file identity (path, size, mtime) a reference resolves to now, and its converted LoRA, from
+        memory when that same file was read recently: a file replaced in place, or a new version behind an
+        unversioned reference, is a new identity; a data: URI is never kept as a key."""
         start = time.perf_counter()
         try:
             path = self.resolve(ref)
@@ -530,15 +529,20 @@ class LoraManager:
             raise
         except UserError as exc:  # the cache's own message, tied to the input it came from
             raise LoraError(f"{field}: {exc}") from None
+        stat = Path(path).stat()
+        identity = f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+        cached = self.cache.get(identity)
+        if cached is not None:
+            return identity, cached
         try:
             raw, metadata = read_lora(Path(path))
             lora = convert_lora(raw, self.names, metadata)
         except LoraError as exc:
             raise LoraError(f"{field}: the LoRA {shown(ref)!r} {exc}") from None
-        self.cache.put(ref, lora)
+        self.cache.put(identity, lora)
         elapsed = time.perf_counter() - start
         log.info("Read LoRA %s (%s, %.1f MB) in %.2fs", shown(ref), lora.format, lora.nbytes / 1e6, elapsed)
-        return lora
+        return identity, lora
 
     def wanted(
         self, main: LoraSpec | None, extra: LoraSpec | None, go_fast: bool, main_field: str = "replicate_weights"
@@ -557,18 +561,18 @@ class LoraManager:
     def apply(self, model: str, wanted: list[Wanted]) -> None:
         """Make `model`'s transformer (and the shared CLIP) run exactly the wanted adapters."""
         start = time.perf_counter()
-        loras = {w.slot: (w, self.converted(w.ref, w.field)) for w in wanted}
+        loras = {w.slot: (w, *self.converted(w.ref, w.field)) for w in wanted}
         components: list[tuple[nn.Module, str]] = [(self.transformers[model], "transformer")]
         if self.text_encoder is not None:
             components.append((self.text_encoder, "text_encoder"))
         changed = False
         for module, kind in components:
             scales: dict[str, float] = {}
-            for slot, (want, lora) in loras.items():
+            for slot, (want, identity, lora) in loras.items():
                 sd = lora.transformer if kind == "transformer" else lora.text_encoder
                 if not sd:
                     continue
-                changed |= self._ensure(module, kind, slot, want.ref, sd)
+                changed |= self._ensure(module, kind, slot, identity, sd, want.ref)
                 scales[slot] = want.scale
             self._activate(module, kind, scales)
         log.info(
@@ -577,10 +581,11 @@ class LoraManager:
             model, time.perf_counter() - start, " (loaded)" if changed else "",
         )
 
-    def _ensure(self, module: nn.Module, kind: str, slot: str, ref: str, sd: dict[str, torch.Tensor]) -> bool:
-        """Load `ref` into `slot` of `module` unless it is already there. True when something loaded."""
+    def _ensure(self, module: nn.Module, kind: str, slot: str, identity: str, sd: dict[str, torch.Tensor],
+                ref: str) -> bool:
+        """Load the file `identity` into `slot` of `module` unless it is already there. True when something loaded."""
         loaded = self._loaded.setdefault(id(module), {})
-        if loaded.get(slot) == ref:
+        if loaded.get(slot) == identity:
             return False
         hotswap = kind == "transformer" and self.hotswap_rank is not None
         if hotswap and id(module) not in self._hotswap_ready:
@@ -588,13 +593,13 @@ class LoraManager:
             self._hotswap_ready.add(id(module))
         if slot in loaded:
             if hotswap and self._hotswap(module, slot, ref, sd):
-                loaded[slot] = ref
+                loaded[slot] = identity
                 self.loads += 1
                 return True
             self._delete(module, kind, slot)
             del loaded[slot]
         self._load(module, kind, slot, sd)
-        loaded[slot] = ref
+        loaded[slot] = identity
         self.loads += 1
         return True
 

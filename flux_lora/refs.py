@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
@@ -43,12 +43,16 @@ def _query_hash(query: str) -> str:
 
 def redact_url(url: str) -> str:
     """The URL without its query string or credentials: safe to log and to show in errors."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    if parts.port:
-        host = f"{host}:{parts.port}"
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        if parts.port:
+            host = f"{host}:{parts.port}"
+    except ValueError:  # a malformed host or port: cut by hand rather than show it whole
+        head = re.split(r"[?#]", url, maxsplit=1)[0]
+        return re.sub(r"//[^/]*@", "//", head) + ("?…" if head != url else "")
     return urlunsplit((parts.scheme, host, parts.path, "…" if parts.query else "", ""))
 
 
@@ -59,10 +63,12 @@ class ReplicateRef:
     owner: str
     model: str
     version: str | None = None
+    weights_url: str | None = None  # where `_weights` redirected when resolved (the latest version's file)
 
     @property
     def cache_key(self) -> str:
-        return f"replicate:{self.owner}/{self.model}" + (f"/versions/{self.version}" if self.version else "")
+        key = f"replicate:{self.owner}/{self.model}" + (f"/versions/{self.version}" if self.version else "")
+        return key + (f"@{redact_url(self.weights_url).removesuffix('?…')}" if self.weights_url else "")
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,7 @@ class CivitaiModelRef:
 
     model_id: int
     version_id: int | None = None
+    token: str | None = field(default=None, repr=False, compare=False)  # from a `?token=` in the URL
 
     @property
     def cache_key(self) -> str:
@@ -106,6 +113,7 @@ class CivitaiVersionRef:
     """A CivitAI model *version*, downloaded through `/api/download/models/<versionId>`."""
 
     version_id: int
+    token: str | None = field(default=None, repr=False, compare=False)  # from a `?token=` in the URL
 
     @property
     def cache_key(self) -> str:
@@ -158,7 +166,8 @@ def _url_key(kind: str, url: str) -> str:
 
 
 def _error(text: str, why: str = "") -> RefError:
-    shown = text if len(text) <= 120 else text[:117] + "..."
+    shown = redact_url(text.strip())  # what the user typed, minus any token or password in it
+    shown = shown if len(shown) <= 120 else shown[:117] + "..."
     return RefError(f"unrecognised LoRA reference {shown!r}{why}; accepted: {ACCEPTED_FORMS}")
 
 
@@ -175,7 +184,10 @@ def parse_ref(text: str) -> Source:
     if lowered.startswith(_BARE_HOSTS) and lowered.split("/", 1)[0] in _BARE_HOSTS:
         ref = "https://" + ref
     if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", ref):
-        return _parse_url(ref, text)
+        try:
+            return _parse_url(ref, text)
+        except ValueError:  # urllib: a malformed host or port
+            raise _error(text, " (malformed URL)") from None
     if ref.startswith(("/", "./", "../", "~")) or lowered.endswith(_FILE_SUFFIXES):
         return LocalFile(ref)
     match = _REPLICATE.fullmatch(ref)
@@ -232,11 +244,12 @@ def _parse_hf(segments: list[str], text: str) -> HuggingFaceRef:
 
 def _parse_civitai(segments: list[str], query: str, text: str) -> CivitaiModelRef | CivitaiVersionRef:
     params = parse_qs(query)
+    token = params.get("token", [""])[0] or None  # an API key pasted into the URL: sent as a header
     if len(segments) >= 2 and segments[0] == "models" and segments[1].isdigit():
         version = params.get("modelVersionId", [""])[0]
         if version and not version.isdigit():
             raise _error(text, " (modelVersionId must be a number)")
-        return CivitaiModelRef(int(segments[1]), int(version) if version else None)
+        return CivitaiModelRef(int(segments[1]), int(version) if version else None, token)
     if segments[:3] == ["api", "download", "models"] and len(segments) == 4 and segments[3].isdigit():
-        return CivitaiVersionRef(int(segments[3]))
+        return CivitaiVersionRef(int(segments[3]), token)
     raise _error(text, " (use civitai.com/models/<id> or civitai.com/api/download/models/<id>)")

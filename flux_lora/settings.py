@@ -45,6 +45,7 @@ class Settings:
     allow_private_urls: bool = False  # FLUX_LORA_ALLOW_PRIVATE_URLS: allow loopback/private hosts
     lora_memory_bytes: int = 2 * 1024**3  # FLUX_LORA_MEMORY_CACHE_BYTES: converted LoRAs kept in RAM
     lora_hotswap_rank: int | None = None  # FLUX_LORA_HOTSWAP_RANK: pad adapters to this rank (compiled)
+    local_lora_dirs: tuple[Path, ...] = ()  # FLUX_LORA_LOCAL_LORA_DIRS: folders request fields may name files in
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -64,4 +65,7 @@ class Settings:
             allow_private_urls=_flag("FLUX_LORA_ALLOW_PRIVATE_URLS"),
             lora_memory_bytes=_size("FLUX_LORA_MEMORY_CACHE_BYTES", "2GiB"),
             lora_hotswap_rank=int(os.environ.get("FLUX_LORA_HOTSWAP_RANK") or 0) or None,
+            local_lora_dirs=tuple(
+                Path(d) for d in os.environ.get("FLUX_LORA_LOCAL_LORA_DIRS", "").split(os.pathsep) if d.strip()
+            ),
         )

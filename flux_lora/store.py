@@ -18,7 +18,9 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from flux_lora.errors import UserError
+from flux_lora.errors import NotALoraError, UserError
+from flux_lora.hub import HubFailure, hub_failure
+from flux_lora.weightfile import read_header
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,6 @@ COMPLETE_MARKER = ".complete"
 LOCKS_DIR = ".locks"
 
 HUB_URL = "https://huggingface.co"
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors refuses larger headers too
 
 
 class StoreError(UserError):
@@ -122,25 +123,15 @@ def safetensors_problem(path: Path, expect_tensors: Iterable[str] = ()) -> str |
     """
     try:
         size = path.stat().st_size
+        with path.open("rb") as f:
+            header = read_header(f, None, "it")  # the LoRA cache's parser: dtypes, shapes and offsets agree
     except FileNotFoundError:
         return "missing"
-    if size < 8:
-        return f"truncated ({size} bytes)"
-    with path.open("rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        if header_len > min(size - 8, MAX_HEADER_BYTES):
-            return f"truncated or not safetensors (header of {header_len} bytes in a {size}-byte file)"
-        try:
-            header = json.loads(f.read(header_len))
-            end = max(
-                (int(t["data_offsets"][1]) for name, t in header.items() if name != "__metadata__"), default=0
-            )
-        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
-            return "unreadable safetensors header"
-    expected = 8 + header_len + end
-    if size != expected:
-        return f"{size} bytes, its header says {expected}"
-    absent = sorted(set(expect_tensors) - header.keys())
+    except NotALoraError as exc:
+        return str(exc)
+    if size != header.total_len:
+        return f"{size} bytes, its header says {header.total_len}"
+    absent = sorted(set(expect_tensors) - header.tensors.keys())
     if absent:
         return f"lacks {len(absent)} tensor(s) its index puts there, e.g. {absent[0]}"
     return None
@@ -265,16 +256,6 @@ def _endpoint() -> str:
     return (os.environ.get("HF_ENDPOINT") or HUB_URL).rstrip("/")
 
 
-def _scrub(text: str) -> str:
-    """The first line of an error message with any token in the environment masked."""
-    line = text.strip().splitlines()[0] if text.strip() else ""
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
-        secret = os.environ.get(name)
-        if secret:
-            line = line.replace(secret, "***")
-    return line
-
-
 def _access_error(model: BaseModel, status: int | None) -> StoreError:
     """Why a gated repo refused us, and the two things to do about it."""
     from huggingface_hub import get_token
@@ -289,6 +270,18 @@ def _access_error(model: BaseModel, status: int | None) -> StoreError:
         f"HF_TOKEN was refused for {model.repo_id} (HTTP {status}): accept the licence on {page} "
         "with the account that owns the token, and check the token has read access"
     )
+
+
+def _download_error(model: BaseModel, endpoint: str, failure: HubFailure) -> StoreError:
+    """The one-line error for a failed download of a base model; every one of them can be resumed."""
+    # Without a token the Hub answers 401 "not found" for a gated repo, so gating is decided here.
+    if failure.kind == "gated" or (model.gated and failure.kind in ("repo", "denied") and failure.status in (401, 403)):
+        return _access_error(model, failure.status)
+    if failure.kind == "repo":
+        return StoreError(f"{model.repo_id} not found on {endpoint} (HTTP {failure.status})")
+    if failure.kind == "unreachable":
+        return StoreError(f"could not reach {endpoint} for {model.repo_id}: {failure.detail}; run again to resume")
+    return StoreError(f"could not download {model.repo_id} from {endpoint}: {failure.detail}; run again to resume")
 
 
 def _quiet_http_logs() -> None:
@@ -313,7 +306,6 @@ def download_model(root: Path, model: BaseModel) -> None:
     request. Another process downloading the same model is waited for, not raced.
     """
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
     folder = root / model.folder
     _quiet_http_logs()
@@ -344,23 +336,11 @@ def download_model(root: Path, model: BaseModel) -> None:
                 ignore_patterns=list(_IGNORE_PATTERNS),
                 endpoint=endpoint,
             )
-        except (GatedRepoError, RepositoryNotFoundError) as exc:
-            # Without a token the Hub answers 401 "not found" for a gated repo, so gating is decided here.
-            status = exc.response.status_code if exc.response is not None else None
-            if isinstance(exc, GatedRepoError) or (model.gated and status in (401, 403)):
-                raise _access_error(model, status) from None
-            raise StoreError(f"{model.repo_id} not found on {endpoint} (HTTP {status})") from None
-        except (HfHubHTTPError, OSError, ValueError) as exc:
-            reason = f"{type(exc).__name__}: {_scrub(str(exc))}"
-            raise StoreError(
-                f"could not download {model.repo_id} from {endpoint}: {reason}; run again to resume"
-            ) from None
-        except Exception as exc:  # httpx connection errors and the like: still one line, still resumable
-            if type(exc).__module__.split(".")[0] not in {"httpx", "httpx2", "httpcore"}:
+        except Exception as exc:
+            failure = hub_failure(exc)
+            if failure is None:
                 raise
-            raise StoreError(
-                f"could not reach {endpoint} for {model.repo_id}: {type(exc).__name__}: {_scrub(str(exc))}"
-            ) from None
+            raise _download_error(model, endpoint, failure) from None
         problems = model_problems(root, model)
         if problems:
             raise StoreError(

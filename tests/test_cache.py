@@ -23,6 +23,7 @@ from flux_lora import http as http_mod
 from flux_lora.cache import WeightCache
 from flux_lora.errors import (
     BlockedUrlError,
+    LocalFileRefused,
     NotALoraError,
     WeightsAuthError,
     WeightsError,
@@ -186,10 +187,10 @@ def test_data_uris_and_local_files(cache, tmp_path):
     assert cache.fetch(tar_uri).read_bytes() == lora
     local = tmp_path / "mine.safetensors"
     local.write_bytes(lora)
-    assert cache.fetch(str(local)) == local  # used in place
+    assert cache.fetch(str(local), allow_local=True) == local  # used in place
     archive = tmp_path / "mine.tar"
     archive.write_bytes(tar_of({"a.safetensors": lora}))
-    assert cache.fetch(str(archive)).read_bytes() == lora
+    assert cache.fetch(str(archive), allow_local=True).read_bytes() == lora
     assert archive.exists()  # never moved
 
 
@@ -511,6 +512,7 @@ def test_a_killed_download_leaves_no_entry(server, env):
     deadline = time.time() + 20
     while server.count("GET", "/killed.safetensors") == 0 and time.time() < deadline:
         time.sleep(0.05)
+    assert server.count("GET", "/killed.safetensors"), "the download never started"
     time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -555,3 +557,166 @@ def test_from_settings_and_cli(server, env):
     cleared = _cli(env, "clear")
     out, _ = cleared.communicate(timeout=60)
     assert "removed 1" in out and json.loads((env / "cache" / "index.json").read_text()) == {}
+
+
+# --- secrets in references ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "ref",
+    [
+        "https://civitai.com/api/download/models/123?token=USERSECRET",
+        "civitai.com/models/12?token=USERSECRET&modelVersionId=123",
+    ],
+)
+def test_a_civitai_token_in_the_url_is_sent_as_a_header_and_never_shown(server, env, caplog, ref):
+    server.state.civitai_token = "USERSECRET"
+    server.add_civitai_model(12, [(123, "a.safetensors", peft_lora(22))])
+    cache = make_cache(env)
+    caplog.set_level("DEBUG")
+    assert cache.fetch(ref).read_bytes() == peft_lora(22)
+    assert cache.fetch(ref).exists()  # a hit: logged with the reference
+    assert "cached at" in caplog.text and "USERSECRET" not in caplog.text
+    assert "USERSECRET" not in (cache.root / "index.json").read_text()
+    assert [e.ref for e in cache.entries()] == [ref.partition("?")[0] + "?…"]
+    assert all("USERSECRET" not in r.path for r in server.requests)
+    assert any(r.headers.get("Authorization") == "Bearer USERSECRET" for r in server.requests)
+
+
+# --- Hub failures -----------------------------------------------------------------------------------------
+
+
+def _dead_url() -> str:
+    """A loopback URL nothing listens on (the port of a server just closed)."""
+    with FakeServer() as gone:
+        return gone.url
+
+
+@pytest.mark.parametrize("ref", ["huggingface.co/acme/x/lora.safetensors", "huggingface.co/acme/x"])
+def test_an_unreachable_hub_is_a_user_error_not_a_missing_file(env, monkeypatch, ref):
+    monkeypatch.setenv("HF_ENDPOINT", _dead_url())
+    monkeypatch.setattr("huggingface_hub.utils._http.time.sleep", lambda s: None)  # its own retries, at once
+    with pytest.raises(WeightsError, match="cannot reach the Hub") as info:
+        make_cache(env).fetch(ref)
+    assert not isinstance(info.value, WeightsNotFound)
+
+
+def test_an_unreachable_hub_is_one_line_from_the_command_line(env, monkeypatch, capsys):
+    from flux_lora import cli
+
+    monkeypatch.setenv("HF_ENDPOINT", _dead_url())
+    monkeypatch.setattr("huggingface_hub.utils._http.time.sleep", lambda s: None)
+    assert cli.main(["weights", "fetch", "huggingface.co/acme/x"]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("error: huggingface.co/acme/x: cannot reach the Hub"), err
+
+
+def test_the_shared_hub_error_mapping():
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    from flux_lora.hub import hub_failure
+
+    assert hub_failure(LocalEntryNotFoundError("offline")).kind == "unreachable"
+    assert hub_failure(EntryNotFoundError("gone")).kind == "entry"
+    assert hub_failure(KeyError("x")) is None
+
+
+@pytest.mark.parametrize("cdn", [False, True])
+def test_a_named_hub_file_over_the_cap_is_refused_before_downloading(server, env, cdn):
+    if cdn:
+        server.state.hub_cdn = server.alt_url
+    server.add_hub_repo("acme/big", {"lora.safetensors": peft_lora(pad=100_000), "small.safetensors": peft_lora()})
+    cache = make_cache(env, max_bytes=50_000)
+    with pytest.raises(WeightsTooLarge, match="FLUX_LORA_MAX_DOWNLOAD_BYTES"):
+        cache.fetch("huggingface.co/acme/big/lora.safetensors")
+    assert not [r for r in server.requests if r.method == "GET" and "lora.safetensors" in r.path]
+    assert cache.fetch("huggingface.co/acme/big/small.safetensors").read_bytes() == peft_lora()
+
+
+# --- local paths -------------------------------------------------------------------------------------------
+
+
+def test_local_paths_are_refused_unless_allowed_and_say_nothing_about_the_file(env, tmp_path):
+    archive = tmp_path / "host.tar"
+    archive.write_bytes(tar_of({"a.safetensors": peft_lora()}))
+    cache = make_cache(env)
+    messages = set()
+    for ref in ("/etc/passwd", "/etc/nope", str(archive), "file:///etc/passwd", "../../etc/x.safetensors"):
+        with pytest.raises(LocalFileRefused) as info:
+            cache.fetch(ref)
+        messages.add(str(info.value))
+    assert len(messages) == 1 and "not accepted" in messages.pop()
+    assert_nothing_left(cache)
+    assert cache.fetch(str(archive), allow_local=True).read_bytes() == peft_lora()  # COG_WEIGHTS, the CLI
+
+
+def test_local_lora_dirs_allow_files_under_them_only(env, tmp_path, monkeypatch):
+    allowed = tmp_path / "loras"
+    allowed.mkdir()
+    (allowed / "mine.safetensors").write_bytes(peft_lora(23))
+    (tmp_path / "outside.safetensors").write_bytes(peft_lora(24))
+    (allowed / "link.safetensors").symlink_to(tmp_path / "outside.safetensors")
+    monkeypatch.setenv("FLUX_LORA_LOCAL_LORA_DIRS", f"{tmp_path / 'elsewhere'}{os.pathsep}{allowed}")
+    cache = WeightCache.from_settings(Settings.from_env())
+    assert cache.fetch(str(allowed / "mine.safetensors")).read_bytes() == peft_lora(23)
+    assert cache.fetch(f"file://{allowed}/mine.safetensors").read_bytes() == peft_lora(23)
+    for escape in (f"{allowed}/../outside.safetensors", str(allowed / "link.safetensors")):
+        with pytest.raises(LocalFileRefused, match="FLUX_LORA_LOCAL_LORA_DIRS"):
+            cache.fetch(escape)
+
+
+# --- unversioned references follow new versions --------------------------------------------------------------
+
+
+def test_an_unversioned_replicate_model_follows_its_latest_version(server, env, caplog):
+    v1, v2 = peft_lora(25), peft_lora(26)
+    v1_tar = server.add_file("/delivery/v1/trained_model.tar", tar_of({"lora.safetensors": v1}))
+    server.add_redirect("/acme/live/_weights", v1_tar)
+    cache = make_cache(env, retries=0)
+    assert cache.fetch("acme/live").read_bytes() == v1
+    v2_tar = server.add_file("/delivery/v2/trained_model.tar", tar_of({"lora.safetensors": v2}))
+    server.add_redirect("/acme/live/_weights", v2_tar)
+    assert cache.fetch("acme/live").read_bytes() == v2  # a new version is downloaded
+    assert cache.fetch("replicate.com/acme/live").read_bytes() == v2  # unchanged: a hit, one small request
+    assert server.count("GET", "/delivery/v2/") == 1 and server.count("GET", "/acme/live/_weights") == 3
+    server.fault("/acme/live/_weights", "status", times=-1, status=503)  # Replicate is down: the last copy
+    with caplog.at_level("WARNING"):
+        assert cache.fetch("acme/live").read_bytes() == v2
+    assert "cached earlier" in caplog.text
+    server.fault("/acme/new/_weights", "status", times=-1, status=503)
+    with pytest.raises(WeightsError, match="HTTP 503"):  # nothing cached to fall back on
+        cache.fetch("acme/new")
+
+
+@pytest.mark.parametrize("ref", ["huggingface.co/acme/live", "huggingface.co/acme/live/lora.safetensors"])
+def test_an_unversioned_hub_reference_follows_the_branch_head(server, env, monkeypatch, caplog, ref):
+    v1, v2 = peft_lora(27), peft_lora(28)
+    server.add_hub_repo("acme/live", {"lora.safetensors": v1})
+    cache = make_cache(env)
+    assert cache.fetch(ref).read_bytes() == v1
+    server.add_hub_repo("acme/live", {"lora.safetensors": v2})  # a new commit on main
+    assert cache.fetch(ref).read_bytes() == v2
+    downloads = server.count("GET", "/acme/live/resolve/")
+    assert cache.fetch(ref).read_bytes() == v2
+    assert server.count("GET", "/acme/live/resolve/") == downloads  # same commit: no download
+    monkeypatch.setenv("HF_ENDPOINT", _dead_url())
+    monkeypatch.setattr("huggingface_hub.utils._http.time.sleep", lambda s: None)
+    with caplog.at_level("WARNING"):
+        assert cache.fetch(ref).read_bytes() == v2
+    assert "cannot reach the Hub" in caplog.text and "cached earlier" in caplog.text
+
+
+def test_stale_partial_downloads_are_cleaned_when_the_cache_opens(env):
+    from filelock import FileLock
+
+    make_cache(env)
+    tmp = env / "cache" / "tmp"
+    old = time.time() - 2 * 3600
+    for name in ("a" * 32 + ".1.x", "b" * 32 + ".1.x", "c" * 32 + ".1.x"):
+        (tmp / name).mkdir()
+        (tmp / name / "payload").write_bytes(b"x" * 1000)
+        if not name.startswith("c"):
+            os.utime(tmp / name, (old, old))
+    with FileLock(env / "cache" / "locks" / f"{'b' * 32}.lock"):  # another process is still downloading it
+        make_cache(env)
+    assert sorted(p.name[0] for p in tmp.iterdir()) == ["b", "c"]  # stale and unlocked: gone

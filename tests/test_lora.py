@@ -303,21 +303,38 @@ def test_hotswap_into_padded_adapters_matches_the_plain_path(settings, server, i
     assert "slow path" in caplog.text
 
 
-def test_manager_reloads_nothing_when_references_repeat(store, service, server):
+def test_manager_reloads_nothing_when_references_repeat(store, service, server, monkeypatch):
     from diffusers import FluxTransformer2DModel
 
+    from flux_lora import lora as lora_mod
+
     transformer = FluxTransformer2DModel.from_pretrained(store / "FLUX.1-schnell", subfolder="transformer")
-    calls: list[str] = []
-
-    def resolve(ref: str) -> Path:
-        calls.append(ref)
-        return service.loras.resolve(ref)
-
-    manager = LoraManager({"schnell": transformer}, None, resolve)
+    reads: list[Path] = []
+    read_lora = lora_mod.read_lora
+    monkeypatch.setattr(lora_mod, "read_lora", lambda path: reads.append(path) or read_lora(path))
+    manager = LoraManager({"schnell": transformer}, None, service.loras.resolve)
     for ref in ("peft", "peft", "b", "peft", "b"):
         manager.apply("schnell", manager.wanted(LoraSpec(url(server, ref), 1.0), None, go_fast=False))
     assert manager.loads == 4  # the repeat loads nothing; each switch loads from memory
-    assert calls == [url(server, "peft"), url(server, "b")]  # each file resolved and read once
+    assert len(reads) == 2  # each file read and converted once
+
+
+def test_manager_reads_a_file_replaced_at_the_same_path_again(store, loras, tmp_path):
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import save_file
+
+    transformer = FluxTransformer2DModel.from_pretrained(store / "FLUX.1-schnell", subfolder="transformer")
+    path = tmp_path / "mine.safetensors"
+    manager = LoraManager({"schnell": transformer}, None, Path)
+    wanted = manager.wanted(LoraSpec(str(path), 1.0), None, go_fast=False)
+    save_file(loras["peft"], path)
+    manager.apply("schnell", wanted)
+    manager.apply("schnell", wanted)
+    assert manager.loads == 1
+    save_file(loras["b"], path)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # a later write
+    manager.apply("schnell", wanted)
+    assert manager.loads == 2
 
 
 # --------------------------------------------------------------------------- cli and http

@@ -140,3 +140,19 @@ def test_redact_url_drops_query_and_credentials():
         redact_url("https://user:pw@host.example:8443/p/a.tar?token=x")
         == "https://host.example:8443/p/a.tar?…"
     )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "huggingface.co/a?token=SECRET2",
+        "https://civitai.com/user/x?token=SECRET2",
+        "ftp://user:SECRET2@example.com/a.safetensors",
+        "https://user:SECRET2@replicate.com/owner",
+        "http://[::1/x?token=SECRET2",
+    ],
+)
+def test_rejected_references_are_shown_without_query_or_credentials(text):
+    with pytest.raises(RefError) as info:
+        parse_ref(text)
+    assert "SECRET2" not in str(info.value)

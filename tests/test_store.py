@@ -333,6 +333,11 @@ def test_safetensors_verification_uses_the_header_sizes(tmp_path: Path) -> None:
     bad.write_bytes(good.read_bytes()[:20])
     assert "truncated" in safetensors_problem(bad)
     assert safetensors_problem(tmp_path / "none.safetensors") == "missing"
+    # Offsets that do not add up are caught too (the LoRA cache's parser): a gap between two tensors.
+    header = json.dumps({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                         "y": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}}).encode()
+    bad.write_bytes(len(header).to_bytes(8, "little") + header + bytes(12))
+    assert "gapped" in safetensors_problem(bad)
 
 
 def test_an_index_naming_a_missing_shard_is_incomplete(tmp_path: Path) -> None:
@@ -355,3 +360,12 @@ def test_models_option_is_validated() -> None:
     assert download_command(Path("/w"), ["dev"], safety=False) == (
         "FLUX_LORA_WEIGHTS=/w flux-lora weights download-base --models dev --no-safety"
     )
+
+
+def test_an_unreachable_hub_is_a_store_error_saying_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with FakeServer() as gone:
+        dead = gone.url
+    monkeypatch.setenv("HF_ENDPOINT", dead)
+    monkeypatch.setattr("huggingface_hub.utils._http.time.sleep", lambda s: None)
+    with pytest.raises(StoreError, match=f"could not reach {dead} for {SCHNELL}.*run again to resume"):
+        ensure_store(tmp_path / "w", models=["schnell"], safety=False)
