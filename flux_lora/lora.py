@@ -513,11 +513,6 @@ class LoraManager:
         self._hotswap_ready: set[int] = set()
         self.loads = 0  # adapter loads so far (tests and the benchmark read it)
 
-    @classmethod
-    def for_pipelines(cls, pipelines: object, resolve: Callable[[str], Path], **kwargs: object) -> LoraManager:
-        dev = pipelines.text2img["dev"]  # type: ignore[attr-defined]
-        return cls(pipelines.transformers, dev.text_encoder, resolve, **kwargs)  # type: ignore[attr-defined]
-
     def converted(self, ref: str, field: str) -> tuple[str, ConvertedLora]:
         """The file identity (path, size, mtime) a reference resolves to now, and its converted LoRA, from
         memory when that same file was read recently: a file replaced in place, or a new version behind an

@@ -5,14 +5,17 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flux_lora.request import Request, build_request
 from flux_lora.settings import Settings
+
+if TYPE_CHECKING:
+    from flux_lora.cache import WeightCache
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,15 @@ def baked_lora_ref(weights: str | Path | None, settings: Settings) -> str | None
     if path.is_dir() and path.resolve() == settings.weights_dir.resolve():
         return None
     return str(weights)
+
+
+def _resolver(cache: WeightCache, baked_lora: str | None) -> Callable[[str], Path]:
+    """LoRA references to files; only the deployment's own COG_WEIGHTS may be a local path."""
+
+    def resolve(ref: str) -> Path:
+        return cache.fetch(ref, allow_local=baked_lora is not None and ref.strip() == baked_lora.strip())
+
+    return resolve
 
 
 class _Stages:
@@ -101,7 +113,7 @@ class Service:
         self.loras = LoraManager(
             transformers,
             self.pipelines.text2img["dev"].text_encoder,
-            WeightCache.from_settings(settings).fetch,
+            _resolver(WeightCache.from_settings(settings), baked_lora),
             memory_bytes=settings.lora_memory_bytes,
             # A compiled transformer takes new LoRAs by hot-swap into padded adapters: no recompilation.
             hotswap_rank=settings.lora_hotswap_rank or (DEFAULT_HOTSWAP_RANK if compiled else None),
