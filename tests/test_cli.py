@@ -71,6 +71,8 @@ def test_image_file_input_with_at_syntax(store_env: Path, tmp_path: Path) -> Non
         (["prompt=x", "aspect_ratio=custom", "height=512"], "width: is required when aspect_ratio is 'custom'"),
         (["prompt=x", "image=@/no/such/file.png"], "image: file not found"),
         (["prompt=x", "seed=-1"], "seed: must be an integer from 0 to"),
+        (["prompt=x", "replicate_weights=/etc/passwd"], "replicate_weights: local file paths are not accepted"),
+        (["prompt=x", "extra_lora=file:///etc/hosts"], "extra_lora: local file paths are not accepted"),
     ],
 )
 def test_bad_input_is_one_line_and_non_zero(
