@@ -81,12 +81,12 @@ def _quantizable(module: nn.Module, fqn: str) -> bool:
     )
 
 
-def quantize_transformer(transformer: nn.Module, mode: Fp8Mode) -> Fp8Mode:
+def quantize_transformer(transformer: nn.Module, mode: Fp8Mode, device: torch.device | None = None) -> Fp8Mode:
     """Quantize `transformer`'s block linears in place, one block at a time; returns the mode that ran.
 
     On failure the module may be partly quantized: callers quantize a fresh copy and discard it.
-    Block by block so that a CPU-loaded bf16 copy can be quantized on the GPU without ever holding
-    the whole bf16 transformer there.
+    With `device`, each block moves there just before it is quantized (then the small rest follows),
+    so a CPU-loaded bf16 copy is quantized on the GPU without ever holding all of it there.
     """
     if mode is Fp8Mode.NONE:
         log.warning("go_fast: fp8 is not available here (torchao cannot run); go_fast runs the plain weights")
@@ -98,10 +98,16 @@ def quantize_transformer(transformer: nn.Module, mode: Fp8Mode) -> Fp8Mode:
         for list_name in BLOCK_LISTS:
             for index, block in enumerate(getattr(transformer, list_name)):
                 prefix = f"{list_name}.{index}."
+                if device is not None:
+                    block.to(device)
                 quantize_(block, config, filter_fn=lambda m, fqn, p=prefix: _quantizable(m, p + fqn))
     except (RuntimeError, NotImplementedError, ValueError, AssertionError) as exc:
         log.warning("go_fast: %s failed (%s); go_fast runs the plain weights", mode.value, exc)
         return Fp8Mode.NONE
+    if device is not None:
+        for name, child in transformer.named_children():
+            if name not in BLOCK_LISTS:
+                child.to(device)
     return mode
 
 
@@ -187,8 +193,7 @@ def build_fast_transformer(
             log.info("go_fast: loaded pre-quantized %s (%s) in %.1fs", model, mode.value, time.perf_counter() - start)
             return transformer.eval(), mode
         transformer = load_plain().eval()
-        transformer.to(device)
-        ran = quantize_transformer(transformer, mode)
+        ran = quantize_transformer(transformer, mode, device)
         if ran is not Fp8Mode.NONE and save:
             _save_atomic(transformer.state_dict(), path, model)
     log.info("go_fast: quantized %s (%s) in %.1fs", model, ran.value, time.perf_counter() - start)

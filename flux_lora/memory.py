@@ -34,7 +34,12 @@ class Residency:
         self.ensure(resident)
 
     def _tensors(self, module: nn.Module) -> list[tuple[str, torch.Tensor]]:
-        return [*module.named_parameters(), *module.named_buffers()]
+        # peft renames a wrapped layer's weights `x.weight` -> `x.base_layer.weight` (and keeps the
+        # wrapper after its adapters are deleted): one key per base weight whatever LoRA did to it.
+        return [
+            (key.replace(".base_layer.", "."), tensor)
+            for key, tensor in (*module.named_parameters(), *module.named_buffers())
+        ]
 
     def park(self, name: str) -> None:
         """Move `name` to host memory; base weights reuse their pinned copy, so no copy is made twice."""
@@ -44,7 +49,8 @@ class Residency:
                 tensor.data = tensor.data.to("cpu")
                 continue
             if key not in host:
-                host[key] = tensor.data.to("cpu").pin_memory()
+                copy = tensor.data.to("cpu")
+                host[key] = copy.pin_memory() if self.device.type == "cuda" else copy
             tensor.data = host[key]
         if self.resident == name:
             self.resident = None

@@ -306,3 +306,28 @@ def test_compiled_blocks_serve_every_size_batch_and_lora_switch_without_recompil
         transformer.load_lora_adapter(second, prefix=None, adapter_name="main", hotswap=True)
         after = call(transformer, WarmupShape(1, 96, 16))
     assert not torch.equal(before, after)  # the swap took effect in the compiled graph
+
+
+# ----------------------------------------------------------------------------- the bf16 GPU slot
+
+
+def test_residency_keeps_one_host_copy_per_base_weight_through_lora_injection():
+    from flux_lora.memory import Residency
+    from flux_lora.tiny import tiny_transformer
+
+    torch.manual_seed(0)
+    a, b = tiny_transformer(guidance_embeds=True), tiny_transformer(guidance_embeds=True)
+    residency = Residency(torch.device("cpu"), {"a": a, "b": b}, resident="a")
+    copies = len(residency._host["b"])
+    assert copies == len(list(b.parameters())) + len(list(b.buffers()))
+    before = call(b)
+    b.load_lora_adapter(random_lora(b, seed=1), prefix=None, adapter_name="main")  # renames x.weight
+    for _ in range(2):
+        residency.ensure("b")
+        residency.ensure("a")  # parks b again, LoRA injected
+    assert len(residency._host["b"]) == copies, "a second host copy of the LoRA'd weights"
+    b.delete_adapters("main")
+    residency.ensure("b")
+    residency.ensure("a")
+    assert len(residency._host["b"]) == copies
+    assert torch.equal(call(b), before)
