@@ -97,6 +97,13 @@ def test_unflagged_images_are_kept_and_falcon_never_runs(stores: dict, images: l
     assert falcon.batches == []
 
 
+def test_falcon_verdict_follows_its_label_names_not_index_order(stores: dict, images: list) -> None:
+    checker, _, _ = load(stores["always", "normal"])  # Falcon's class 0 ("normal") always wins
+    assert checker.falcon_unsafe(images[:2]) == [False, False]
+    checker.falcon.config.id2label = {0: "nsfw", 1: "normal"}  # same weights, class 0 now means nsfw
+    assert checker.falcon_unsafe(images[:2]) == [True, True]
+
+
 def test_sd_flag_overruled_by_falcon_normal(stores: dict, images: list) -> None:
     checker, sd, falcon = load(stores["always", "normal"])
     assert checker.sd_flags(images) == [True] * 4
