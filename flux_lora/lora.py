@@ -71,7 +71,11 @@ _SUFFIXES: tuple[tuple[str, str], ...] = (
     (".alpha", "alpha"),
 )
 _DORA = ("dora_scale", "lora_magnitude_vector")
-_LYCORIS = ("hada_w", "lokr_w", "lokr_t", "hada_t", ".oft_", "oft_blocks", ".lora_mid.", ".diff", ".diff_b", ".b1")
+# LyCORIS variants, told by a key's last name (`<module>.hada_w1_a`) or the one before `.weight`
+# (`<module>.lora_mid.weight`): never a substring test, `model.diffusion_model.` contains ".diff".
+_LYCORIS_LAST_PREFIXES = ("hada_w", "hada_t", "lokr_w", "lokr_t", "oft_")
+_LYCORIS_LAST = ("diff", "diff_b")
+_LYCORIS_WEIGHT_OF = ("lora_mid", "a1", "a2", "b1", "b2")
 # Key fragments of other diffusion architectures (flattened: dots become underscores).
 _FOREIGN: tuple[tuple[str, str], ...] = (
     ("input_blocks_", "SDXL/SD 1.5 (original UNet names)"),
@@ -264,13 +268,21 @@ def detect_format(keys: Iterable[str]) -> str:
     return "peft/diffusers"
 
 
+def _is_lycoris(key: str) -> bool:
+    parts = key.split(".")
+    last = parts[-1]
+    if last in _LYCORIS_LAST or last.startswith(_LYCORIS_LAST_PREFIXES):
+        return True
+    return last == "weight" and len(parts) > 1 and parts[-2] in _LYCORIS_WEIGHT_OF
+
+
 def _reject_variants(keys: list[str]) -> None:
     if any(marker in k for k in keys for marker in _DORA):
         raise LoraError(
             "is a DoRA LoRA (keys with dora_scale/lora_magnitude_vector); DoRA is not supported: "
             "use a plain LoRA (lora_A/lora_B or lora_down/lora_up)"
         )
-    if any(marker in k for k in keys for marker in _LYCORIS):
+    if any(_is_lycoris(k) for k in keys):
         raise LoraError(
             "is a LyCORIS LoRA (LoHa/LoKr/OFT/full-diff keys); only plain LoRAs are supported: "
             "convert it to a standard LoRA or use another file"

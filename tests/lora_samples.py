@@ -101,12 +101,12 @@ def as_kohya(lora: Lora, alpha_ratio: float = 0.5) -> dict[str, torch.Tensor]:
     return out
 
 
-def as_comfyui(lora: Lora) -> dict[str, torch.Tensor]:
-    """ComfyUI: BFL names under `diffusion_model.`, lora_A/lora_B, no marker."""
+def as_comfyui(lora: Lora, prefix: str = "diffusion_model.") -> dict[str, torch.Tensor]:
+    """ComfyUI: BFL names under `diffusion_model.` (or `model.diffusion_model.`), lora_A/lora_B, no marker."""
     out = {}
     for name, (down, up) in lora.items():
-        out[f"diffusion_model.{name}.lora_A.weight"] = down.clone()
-        out[f"diffusion_model.{name}.lora_B.weight"] = up.clone()
+        out[f"{prefix}{name}.lora_A.weight"] = down.clone()
+        out[f"{prefix}{name}.lora_B.weight"] = up.clone()
     return out
 
 

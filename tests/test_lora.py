@@ -93,6 +93,7 @@ def loras(service) -> dict[str, dict[str, torch.Tensor]]:
         "peft_noprefix": S.as_peft(a, tr, prefix=""),
         "kohya": S.as_kohya(a),
         "comfyui": S.as_comfyui(a),
+        "comfyui_model": S.as_comfyui(a, prefix="model.diffusion_model."),
         "mixture": S.as_mixture(a, tr),
         "xlabs": S.as_xlabs(attn),
         "xlabs_as_peft": S.as_peft(attn, tr),
@@ -136,7 +137,8 @@ def url(server: FakeServer, name: str) -> str:
 
 @pytest.mark.parametrize(
     ("fmt", "same_as"),
-    [("peft", None), ("peft_noprefix", "peft"), ("kohya", "peft"), ("comfyui", "peft"), ("mixture", "peft"),
+    [("peft", None), ("peft_noprefix", "peft"), ("kohya", "peft"), ("comfyui", "peft"), ("comfyui_model", "peft"),
+     ("mixture", "peft"),
      ("xlabs", "xlabs_as_peft"), ("clip", None), ("clip_kohya", "clip")],
 )
 def test_each_format_changes_the_image_and_means_the_same(service, server, input_image, fmt, same_as):
@@ -246,8 +248,11 @@ def test_bfl_final_layer_modulation_swaps_shift_and_scale(service):
 def test_lycoris_is_rejected_and_t5_parts_are_skipped(service, caplog):
     dev = service.pipelines.text2img["dev"]
     names = ModelNames.of(dev.transformer, dev.text_encoder)
-    with pytest.raises(LoraError, match="LyCORIS"):
-        convert_lora({"lora_unet_double_blocks_0_img_attn_qkv.lokr_w1": torch.ones(2, 2)}, names)
+    lycoris = ("lora_unet_double_blocks_0_img_attn_qkv.lokr_w1", "lora_unet_single_blocks_0_linear1.hada_w1_a",
+               "diffusion_model.double_blocks.0.img_attn.qkv.diff", "lora_unet_single_blocks_0_linear1.lora_mid.weight")
+    for key in lycoris:
+        with pytest.raises(LoraError, match="LyCORIS"):
+            convert_lora({key: torch.ones(2, 2)}, names)
     lora = S.as_kohya(S.random_lora(dev.transformer, 1, only=("img_attn.proj",)))
     lora["lora_te2_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight"] = torch.ones(4, 32)
     lora["lora_te2_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight"] = torch.ones(32, 4)
