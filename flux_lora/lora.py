@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 from collections import OrderedDict
@@ -297,6 +298,13 @@ def _foreign_architecture(stems: Iterable[str]) -> str | None:
     return None
 
 
+def _number(value: object) -> float | None:
+    """A finite real number, or None (JSON null, strings, lists, booleans, NaN are not numbers)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
 def _metadata_alpha(metadata: dict[str, str] | None) -> tuple[float | None, dict[str, float]]:
     """peft/diffusers files may keep lora_alpha in the safetensors header instead of `.alpha` keys."""
     if not metadata or "lora_adapter_metadata" not in metadata:
@@ -304,10 +312,37 @@ def _metadata_alpha(metadata: dict[str, str] | None) -> tuple[float | None, dict
     try:
         meta = json.loads(metadata["lora_adapter_metadata"])
     except (TypeError, ValueError):
-        return None, {}
+        raise LoraError("has a lora_adapter_metadata header that is not JSON") from None
+    if not isinstance(meta, dict):
+        raise LoraError("has a lora_adapter_metadata header that is not a JSON object")
     alpha = meta.get("transformer.lora_alpha", meta.get("lora_alpha"))
     pattern = meta.get("transformer.alpha_pattern", meta.get("alpha_pattern")) or {}
-    return (float(alpha) if alpha is not None else None), {k: float(v) for k, v in pattern.items()}
+    if alpha is not None and _number(alpha) is None:
+        raise LoraError(f"has a lora_alpha in its metadata that is not a number ({alpha!r})")
+    if not isinstance(pattern, dict) or any(_number(v) is None for v in pattern.values()):
+        raise LoraError("has an alpha_pattern in its metadata that is not an object of numbers")
+    return _number(alpha), {k: float(v) for k, v in pattern.items()}
+
+
+def _alpha(stem: str, value: torch.Tensor) -> float:
+    """A `.alpha` entry: one finite number (a 0-d or one-element tensor)."""
+    number = float(value.float().item()) if value.numel() == 1 else math.nan
+    if not math.isfinite(number):
+        raise LoraError(f"has a malformed alpha for {stem} (shape {tuple(value.shape)}): expected one finite number")
+    return number
+
+
+def _check_matrices(stem: str, down: torch.Tensor, up: torch.Tensor) -> None:
+    """down [rank, in] and up [out, rank], floating point, rank >= 1: before anything reads a rank."""
+    if (
+        down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]
+        or not down.is_floating_point() or not up.is_floating_point()
+    ):
+        raise LoraError(
+            f"has malformed weights for {stem}: down {tuple(down.shape)} {down.dtype}, up {tuple(up.shape)} {up.dtype}"
+        )
+    if down.shape[0] == 0:
+        raise LoraError(f"has rank 0 for {stem}: a LoRA needs rank 1 or more")
 
 
 def convert_lora(
@@ -330,7 +365,7 @@ def convert_lora(
         stem, role = split
         entry = grouped.setdefault(stem, _RawModule())
         if role == "alpha":
-            entry.alpha = float(raw[key].float().item()) if torch.is_tensor(raw[key]) else float(raw[key])
+            entry.alpha = _alpha(stem, raw[key])
         else:
             setattr(entry, role, raw[key])
 
@@ -347,6 +382,7 @@ def convert_lora(
         if entry.down is None or entry.up is None:
             unmatched.append(stem)
             continue
+        _check_matrices(stem, entry.down, entry.up)
         if _strip(stem, _T5_PREFIXES) is not None:
             skipped_t5 += 1
             continue
@@ -393,8 +429,6 @@ def _part_weights(
     stem: str, down: torch.Tensor, up: torch.Tensor, part: _Part, module: nn.Linear
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cut a fused LoRA down to one target module, checking every shape against the real layer."""
-    if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
-        raise LoraError(f"has malformed weights for {stem}: down {tuple(down.shape)}, up {tuple(up.shape)}")
     if part.rows is not None:
         if up.shape[0] != part.fused_rows:
             raise _shape_error(stem, part.module, module, down, up)
@@ -579,7 +613,7 @@ class LoraManager:
                 sd = lora.transformer if kind == "transformer" else lora.text_encoder
                 if not sd:
                     continue
-                changed |= self._ensure(module, kind, slot, identity, sd, want.ref)
+                changed |= self._ensure(module, kind, want, identity, sd)
                 scales[slot] = want.scale
             self._activate(module, kind, scales)
         log.info(
@@ -588,9 +622,9 @@ class LoraManager:
             model, time.perf_counter() - start, " (loaded)" if changed else "",
         )
 
-    def _ensure(self, module: nn.Module, kind: str, slot: str, identity: str, sd: dict[str, torch.Tensor],
-                ref: str) -> bool:
-        """Load the file `identity` into `slot` of `module` unless it is already there. True when something loaded."""
+    def _ensure(self, module: nn.Module, kind: str, want: Wanted, identity: str, sd: dict[str, torch.Tensor]) -> bool:
+        """Load the file `identity` into `want.slot` of `module` unless already there. True when something loaded."""
+        slot, ref = want.slot, want.ref
         loaded = self._loaded.setdefault(id(module), {})
         if loaded.get(slot) == identity:
             return False
@@ -605,7 +639,12 @@ class LoraManager:
                 return True
             self._delete(module, kind, slot)
             del loaded[slot]
-        self._load(module, kind, slot, sd)
+        try:
+            self._load(module, kind, slot, sd)
+        except (ValueError, RuntimeError, KeyError) as exc:  # peft refused it (after our own checks passed)
+            self._discard(module, slot)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise LoraError(f"{want.field}: the LoRA {shown(ref)!r} cannot be loaded ({kind}): {first}") from None
         loaded[slot] = identity
         self.loads += 1
         return True
@@ -630,6 +669,16 @@ class LoraManager:
                 {f"text_encoder.{k}": v for k, v in sd.items()}, network_alphas=None, text_encoder=module,
                 prefix="text_encoder", adapter_name=slot,
             )
+
+    @staticmethod
+    def _discard(module: nn.Module, slot: str) -> None:
+        """Remove whatever a failed load left of `slot` (layers peft injected before it raised)."""
+        from diffusers.utils.peft_utils import delete_adapter_layers
+
+        try:
+            delete_adapter_layers(module, slot)
+        except (ValueError, KeyError) as exc:
+            log.warning("Cleaning up the failed adapter %s: %s", slot, exc)
 
     def _delete(self, module: nn.Module, kind: str, slot: str) -> None:
         if kind == "transformer":

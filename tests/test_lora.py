@@ -377,3 +377,57 @@ def test_http_server_applies_loras_and_survives_a_bad_one(settings, server, inpu
         assert predict()["status"] == "succeeded"
     finally:
         cog.stop()
+
+
+def _malformed(tr: torch.nn.Module) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str] | None]]:
+    """Files a trainer bug or a truncated conversion could write, each paired with header metadata."""
+    kohya = S.as_kohya(S.random_lora(tr, 1, only=("img_attn.proj",)))
+    stem = "lora_unet_double_blocks_0_img_attn_proj"
+    peft = S.as_peft(S.random_lora(tr, 1, only=("img_attn.proj",)), tr)
+    return {
+        "alpha with two elements": ({**kohya, f"{stem}.alpha": torch.tensor([2.0, 2.0])}, None),
+        "nan alpha": ({**kohya, f"{stem}.alpha": torch.tensor(float("nan"))}, None),
+        "rank 0 with alpha": ({**kohya, f"{stem}.lora_down.weight": torch.zeros(0, 32),
+                               f"{stem}.lora_up.weight": torch.zeros(32, 0)}, None),
+        "rank 0 without alpha": ({"transformer.transformer_blocks.0.attn.to_out.0.lora_A.weight": torch.zeros(0, 32),
+                                  "transformer.transformer_blocks.0.attn.to_out.0.lora_B.weight": torch.zeros(32, 0)},
+                                 None),
+        "0-d down": ({**kohya, f"{stem}.lora_down.weight": torch.tensor(1.0)}, None),
+        "integer weights": ({k: v.to(torch.int32) for k, v in peft.items()}, None),
+        "metadata list": (peft, {"lora_adapter_metadata": "[1]"}),
+        "metadata not json": (peft, {"lora_adapter_metadata": "{"}),
+        "metadata alpha string": (peft, {"lora_adapter_metadata": '{"lora_alpha": "x"}'}),
+        "metadata pattern null": (peft, {"lora_adapter_metadata": '{"lora_alpha": 8, "alpha_pattern": {"a": null}}'}),
+    }
+
+
+def test_malformed_files_fail_with_a_lora_error(service):
+    dev = service.pipelines.text2img["dev"]
+    names = ModelNames.of(dev.transformer, dev.text_encoder)
+    for label, (tensors, metadata) in _malformed(dev.transformer).items():
+        with pytest.raises(LoraError, match="malformed|rank 0|metadata") as info:
+            convert_lora(tensors, names, metadata)
+        assert "\n" not in str(info.value), label
+
+
+def test_a_lora_peft_refuses_fails_clearly_and_leaves_nothing_behind(service, server, input_image, monkeypatch):
+    """peft raising half-way through injecting the extra adapter: a LoraError naming the field, then the
+    main LoRA alone and no LoRA give exactly their images again (no half-injected adapter stays)."""
+    import peft
+
+    main = run(service, input_image, replicate_weights=url(server, "peft"))
+    real = peft.set_peft_model_state_dict
+
+    def refuse(model, state_dict, adapter_name, **kwargs):
+        if adapter_name == "extra":  # after inject_adapter_in_model added the extra's layers
+            raise ValueError("`r` should be a positive integer value but the value passed is 0")
+        return real(model, state_dict, adapter_name, **kwargs)
+
+    monkeypatch.setattr(peft, "set_peft_model_state_dict", refuse)  # diffusers imports it per call
+    with pytest.raises(UserError, match="^extra_lora: .*cannot be loaded"):
+        run(service, input_image, replicate_weights=url(server, "peft"), extra_lora=url(server, "b"))
+    monkeypatch.undo()
+    assert np.array_equal(run(service, input_image, replicate_weights=url(server, "peft")), main)
+    assert np.array_equal(run(service, input_image), service.base)
+    with_extra = run(service, input_image, replicate_weights=url(server, "peft"), extra_lora=url(server, "b"))
+    assert differs(with_extra, main)
