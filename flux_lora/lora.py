@@ -305,23 +305,35 @@ def _number(value: object) -> float | None:
     return float(value)
 
 
-def _metadata_alpha(metadata: dict[str, str] | None) -> tuple[float | None, dict[str, float]]:
-    """peft/diffusers files may keep lora_alpha in the safetensors header instead of `.alpha` keys."""
+def _metadata_alphas(metadata: dict[str, str] | None) -> dict[str, tuple[float | None, dict[str, float]]]:
+    """peft/diffusers files may keep lora_alpha in the safetensors header instead of `.alpha` keys, per
+    component (`transformer.lora_alpha`, `text_encoder.lora_alpha`; unprefixed ones apply to both).
+    Returns {"transformer" | "text_encoder": (alpha, alpha_pattern)}."""
     if not metadata or "lora_adapter_metadata" not in metadata:
-        return None, {}
+        return {}
     try:
         meta = json.loads(metadata["lora_adapter_metadata"])
     except (TypeError, ValueError):
         raise LoraError("has a lora_adapter_metadata header that is not JSON") from None
     if not isinstance(meta, dict):
         raise LoraError("has a lora_adapter_metadata header that is not a JSON object")
-    alpha = meta.get("transformer.lora_alpha", meta.get("lora_alpha"))
-    pattern = meta.get("transformer.alpha_pattern", meta.get("alpha_pattern")) or {}
-    if alpha is not None and _number(alpha) is None:
-        raise LoraError(f"has a lora_alpha in its metadata that is not a number ({alpha!r})")
-    if not isinstance(pattern, dict) or any(_number(v) is None for v in pattern.values()):
-        raise LoraError("has an alpha_pattern in its metadata that is not an object of numbers")
-    return _number(alpha), {k: float(v) for k, v in pattern.items()}
+    out: dict[str, tuple[float | None, dict[str, float]]] = {}
+    for component in ("transformer", "text_encoder"):
+        alpha = meta.get(f"{component}.lora_alpha", meta.get("lora_alpha"))
+        pattern = meta.get(f"{component}.alpha_pattern", meta.get("alpha_pattern")) or {}
+        if alpha is not None and _number(alpha) is None:
+            raise LoraError(f"has a lora_alpha in its metadata that is not a number ({alpha!r})")
+        if not isinstance(pattern, dict) or any(_number(v) is None for v in pattern.values()):
+            raise LoraError("has an alpha_pattern in its metadata that is not an object of numbers")
+        out[component] = _number(alpha), {k: float(v) for k, v in pattern.items()}
+    return out
+
+
+def _pattern_alpha(pattern: dict[str, float], name: str) -> float | None:
+    """peft's alpha_pattern keys name a module exactly (`^name`, as diffusers writes them) or a suffix of it."""
+    if name in pattern or f"^{name}" in pattern:
+        return pattern.get(name, pattern.get(f"^{name}"))
+    return next((alpha for key, alpha in pattern.items() if name.endswith("." + key)), None)
 
 
 def _alpha(stem: str, value: torch.Tensor) -> float:
@@ -375,7 +387,7 @@ def convert_lora(
     if not grouped:
         raise LoraError(f"has no LoRA weights (no lora_A/lora_B or lora_down/lora_up keys among {len(keys)} keys)")
 
-    meta_alpha, meta_pattern = _metadata_alpha(metadata)
+    meta = _metadata_alphas(metadata)
     out = ConvertedLora(fmt)
     skipped_t5, unmatched = 0, list(unknown)
     for stem, entry in grouped.items():
@@ -389,16 +401,20 @@ def convert_lora(
         clip_name = _strip(stem, _CLIP_PREFIXES)
         if clip_name is not None:
             table, linears, target = names.clip, names.clip_linears, out.text_encoder
-            name = clip_name
+            name, component = clip_name, "text_encoder"
         else:
             table, linears, target = names.transformer, names.transformer_linears, out.transformer
-            name = _strip(stem, _TRANSFORMER_PREFIXES) or stem
+            name, component = _strip(stem, _TRANSFORMER_PREFIXES) or stem, "transformer"
         parts = table.get(_flat(name))
         if parts is None:
             unmatched.append(stem)
             continue
         rank = entry.down.shape[0]
-        alpha = entry.alpha if entry.alpha is not None else meta_pattern.get(name, meta_alpha)
+        alpha = entry.alpha
+        if alpha is None and component in meta:
+            meta_alpha, pattern = meta[component]
+            alpha = _pattern_alpha(pattern, name)
+            alpha = meta_alpha if alpha is None else alpha
         scale = alpha / rank if alpha is not None else 1.0
         for part in parts:
             down, up = _part_weights(stem, entry.down, entry.up, part, linears[part.module])

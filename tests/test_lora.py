@@ -431,3 +431,22 @@ def test_a_lora_peft_refuses_fails_clearly_and_leaves_nothing_behind(service, se
     assert np.array_equal(run(service, input_image), service.base)
     with_extra = run(service, input_image, replicate_weights=url(server, "peft"), extra_lora=url(server, "b"))
     assert differs(with_extra, main)
+
+
+def test_metadata_alpha_is_read_per_component(service):
+    """A diffusers-saved file keeps `transformer.lora_alpha` and `text_encoder.lora_alpha` apart."""
+    dev = service.pipelines.text2img["dev"]
+    names = ModelNames.of(dev.transformer, dev.text_encoder)
+    tensors = {**S.as_peft(S.random_lora(dev.transformer, 1, only=("img_attn.proj",)), dev.transformer),
+               **S.clip_lora(dev.text_encoder, 4)}  # rank 4 everywhere
+    plain = convert_lora(tensors, names)
+    meta = {"transformer.lora_alpha": 8, "text_encoder.lora_alpha": 2,
+            "text_encoder.alpha_pattern": {"^encoder.layers.0.self_attn.q_proj": 4}}
+    scaled = convert_lora(tensors, names, {"lora_adapter_metadata": json.dumps(meta)})
+
+    def ratio(part: str, key: str) -> float:
+        return float((getattr(scaled, part)[key] / getattr(plain, part)[key]).flatten()[0])
+
+    assert ratio("transformer", "transformer_blocks.0.attn.to_out.0.lora_B.weight") == pytest.approx(2.0)
+    assert ratio("text_encoder", "encoder.layers.1.self_attn.q_proj.lora_B.weight") == pytest.approx(0.5)
+    assert ratio("text_encoder", "encoder.layers.0.self_attn.q_proj.lora_B.weight") == pytest.approx(1.0)
