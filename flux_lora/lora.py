@@ -604,21 +604,26 @@ class LoraManager:
     def wanted(
         self, main: LoraSpec | None, extra: LoraSpec | None, go_fast: bool, main_field: str = "replicate_weights"
     ) -> list[Wanted]:
-        """The adapters a request asks for; the same reference as main and extra counts once."""
+        """The adapters a request asks for (`apply` counts the same file as main and extra once)."""
         out: list[Wanted] = []
         if main is not None:
             out.append(Wanted("main", main_field, main.ref, effective_scale(main.scale, go_fast)))
         if extra is not None:
-            if main is not None and extra.ref == main.ref:
-                log.warning("extra_lora is the same LoRA as the main one (%s): applying it once", shown(extra.ref))
-            else:
-                out.append(Wanted("extra", "extra_lora", extra.ref, effective_scale(extra.scale, go_fast)))
+            out.append(Wanted("extra", "extra_lora", extra.ref, effective_scale(extra.scale, go_fast)))
         return out
 
     def apply(self, model: str, wanted: list[Wanted]) -> None:
         """Make `model`'s transformer (and the shared CLIP) run exactly the wanted adapters."""
         start = time.perf_counter()
-        loras = {w.slot: (w, *self.converted(w.ref, w.field)) for w in wanted}
+        loras: dict[str, tuple[Wanted, str, ConvertedLora]] = {}
+        for want in wanted:
+            identity, lora = self.converted(want.ref, want.field)
+            # The same file under two spellings (owner/model, https://replicate.com/owner/model) counts once.
+            if any(identity == other for _, other, _ in loras.values()):
+                log.warning("%s is the same LoRA as the main one (%s): applying it once", want.field, shown(want.ref))
+                continue
+            loras[want.slot] = (want, identity, lora)
+        wanted = [w for w, _, _ in loras.values()]
         components: list[tuple[nn.Module, str]] = [(self.transformers[model], "transformer")]
         if self.text_encoder is not None:
             components.append((self.text_encoder, "text_encoder"))

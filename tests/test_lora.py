@@ -450,3 +450,19 @@ def test_metadata_alpha_is_read_per_component(service):
     assert ratio("transformer", "transformer_blocks.0.attn.to_out.0.lora_B.weight") == pytest.approx(2.0)
     assert ratio("text_encoder", "encoder.layers.1.self_attn.q_proj.lora_B.weight") == pytest.approx(0.5)
     assert ratio("text_encoder", "encoder.layers.0.self_attn.q_proj.lora_B.weight") == pytest.approx(1.0)
+
+
+def test_the_same_file_under_two_references_counts_once(store, loras, tmp_path):
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import save_file
+
+    transformer = FluxTransformer2DModel.from_pretrained(store / "FLUX.1-schnell", subfolder="transformer")
+    path = tmp_path / "mine.safetensors"
+    save_file(loras["peft"], path)
+    spellings = {"owner/model": path, "https://replicate.com/owner/model": path}
+    manager = LoraManager({"schnell": transformer}, None, spellings.__getitem__)
+    manager.apply("schnell", manager.wanted(LoraSpec("owner/model", 1.0),
+                                            LoraSpec("https://replicate.com/owner/model", 0.5), go_fast=False))
+    assert manager.loads == 1
+    layers = [m for m in transformer.modules() if hasattr(m, "lora_A") and "main" in m.lora_A]
+    assert layers and all("extra" not in m.lora_A for m in layers)
