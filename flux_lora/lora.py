@@ -572,7 +572,6 @@ class LoraManager:
         self.names = ModelNames.of(first, text_encoder)
         # component id -> slot -> identity (path:size:mtime) of the file loaded there
         self._loaded: dict[int, dict[str, str]] = {}
-        self._hotswap_ready: set[int] = set()
         self.loads = 0  # adapter loads so far (tests and the benchmark read it)
 
     def converted(self, ref: str, field: str) -> tuple[str, ConvertedLora]:
@@ -650,11 +649,14 @@ class LoraManager:
         if loaded.get(slot) == identity:
             return False
         hotswap = kind == "transformer" and self.hotswap_rank is not None
-        if hotswap and id(module) not in self._hotswap_ready:
-            module.enable_lora_hotswap(target_rank=self.hotswap_rank, check_compiled="ignore")
-            self._hotswap_ready.add(id(module))
+        rank = max((t.shape[0] for k, t in sd.items() if k.endswith("lora_A.weight")), default=0)
         if slot in loaded:
-            if hotswap and self._hotswap(module, slot, ref, sd):
+            if hotswap and rank > self.hotswap_rank:
+                log.warning(
+                    "LoRA %s has rank %d, above the hot-swap rank %d (FLUX_LORA_HOTSWAP_RANK): slow path, a compiled "
+                    "model recompiles", shown(ref), rank, self.hotswap_rank,
+                )
+            elif hotswap and self._hotswap(module, slot, ref, sd):
                 loaded[slot] = identity
                 self.loads += 1
                 return True
@@ -666,6 +668,8 @@ class LoraManager:
             self._discard(module, slot)
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise LoraError(f"{want.field}: the LoRA {shown(ref)!r} cannot be loaded ({kind}): {first}") from None
+        if hotswap:
+            self._pad(module, slot)
         loaded[slot] = identity
         self.loads += 1
         return True
@@ -690,6 +694,18 @@ class LoraManager:
                 {f"text_encoder.{k}": v for k, v in sd.items()}, network_alphas=None, text_encoder=module,
                 prefix="text_encoder", adapter_name=slot,
             )
+
+    def _pad(self, module: nn.Module, slot: str) -> None:
+        """Pad every adapter of `module` to the hot-swap rank, scalings as tensors, so later LoRAs of any rank up
+        to it swap into `slot` in place: diffusers' `enable_lora_hotswap` only prepares the first adapter ever
+        loaded, leaving the other slot, and any slot reloaded after a slow path, unpadded. An adapter above the
+        rank (loaded on the slow path) sets the padding for the others while it stays."""
+        from peft.utils.hotswap import prepare_model_for_compiled_hotswap
+
+        ranks = [layer.lora_A[name].weight.shape[0] for layer in _lora_layers(module) for name in layer.lora_A]
+        target = max([self.hotswap_rank or 0, *ranks])
+        config = getattr(module, "peft_config", {}).get(slot)
+        prepare_model_for_compiled_hotswap(module, target_rank=target, config=config, check_compiled="ignore")
 
     @staticmethod
     def _discard(module: nn.Module, slot: str) -> None:

@@ -466,3 +466,47 @@ def test_the_same_file_under_two_references_counts_once(store, loras, tmp_path):
     assert manager.loads == 1
     layers = [m for m in transformer.modules() if hasattr(m, "lora_A") and "main" in m.lora_A]
     assert layers and all("extra" not in m.lora_A for m in layers)
+
+
+def test_compiled_transformer_swaps_main_and_extra_of_any_rank_without_recompiling(tmp_path, caplog):
+    """Both slots are padded to the hot-swap rank, on first load and after a slow-path reload, so switching
+    either LoRA (ranks 2-8) or its scale never recompiles; a rank above it takes the logged slow path."""
+    import torch._dynamo
+
+    from flux_lora import fast
+    from flux_lora.fast import WarmupShape
+    from flux_lora.lora import Wanted
+    from flux_lora.tiny import tiny_transformer
+
+    torch._dynamo.reset()
+    transformer = tiny_transformer(True).eval()
+    files = {name: S.save(S.as_peft(S.random_lora(transformer, seed, rank=rank), transformer),
+                          tmp_path / f"{name}.safetensors")
+             for name, seed, rank in (("a", 1, 4), ("b", 2, 2), ("c", 3, 8), ("d", 4, 6), ("big", 5, 16))}
+    manager = LoraManager({"dev": transformer}, None, files.__getitem__, hotswap_rank=8)
+
+    def both(main: str, extra: str | None, main_scale: float = 1.0, extra_scale: float = 1.0) -> list[Wanted]:
+        out = [Wanted("main", "replicate_weights", main, main_scale)]
+        return out + ([Wanted("extra", "extra_lora", extra, extra_scale)] if extra else [])
+
+    def call() -> torch.Tensor:
+        with torch.inference_mode():
+            return transformer(**fast.dummy_inputs(transformer, WarmupShape(1, 64, 8), torch.device("cpu"),
+                                                   torch.float32))[0]
+
+    manager.apply("dev", both("a", "b"))
+    fast.compile_transformer(transformer, backend="eager")
+    first = call()
+    call()
+    outputs = [first]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for wanted in (both("a", "b", 0.7), both("a", "b", 0.7, 0.3), both("c", "b", 0.7, 0.3),
+                       both("c", "d", 0.7, 0.3), both("c", None, 0.7), both("a", "b")):
+            manager.apply("dev", wanted)
+            outputs.append(call())
+    assert all(not torch.equal(x, y) for x, y in zip(outputs[:-2], outputs[1:-1], strict=True))
+    torch.testing.assert_close(outputs[-1], first)  # back to a+b: the same numbers as before the swaps
+    with caplog.at_level(logging.WARNING, logger="flux_lora.lora"):
+        manager.apply("dev", both("big", "b"))
+    assert "rank 16, above the hot-swap rank 8" in caplog.text
+    assert not torch.equal(call(), first)
