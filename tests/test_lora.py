@@ -197,6 +197,18 @@ def test_go_fast_multiplies_scales_by_one_and_a_half(service):
     assert effective_scale(0.8, go_fast=False) == 0.8
 
 
+def test_go_fast_runs_the_fast_transformer_at_one_and_a_half_times_the_scales(service, server, input_image):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    base = run(service, input_image, go_fast=True)
+    image = run(service, input_image, go_fast=True, replicate_weights=url(server, "peft"), lora_scale=1.0,
+                extra_lora=url(server, "b"), extra_lora_scale=-0.4)
+    assert differs(image, base)
+    layers = [m for m in service.loras.transformers["dev:fast"].modules() if isinstance(m, BaseTunerLayer)]
+    scales = {(name, round(float(layer.scaling[name]), 6)) for layer in layers for name in layer.active_adapters}
+    assert scales == {("main", 1.5), ("extra", -0.6)}
+
+
 def test_txt2img_schnell_and_inpaint_take_the_same_adapters(service, server, input_image, tmp_path):
     lora = url(server, "peft")
     assert differs(run(service, replicate_weights=lora), run(service))
@@ -374,7 +386,11 @@ def test_http_server_applies_loras_and_survives_a_bad_one(settings, server, inpu
         assert np.array_equal(image, run(service, input_image, replicate_weights=url(server, "comfyui")))
         bad = predict(replicate_weights=url(server, "sdxl"))
         assert bad["status"] == "failed" and "SDXL" in bad["error"], json.dumps(bad)[:500]
-        assert predict()["status"] == "succeeded"
+        after = predict()
+        assert after["status"] == "succeeded", after
+        payload = after["output"][0].split(",", 1)[1]
+        image = np.asarray(Image.open(io.BytesIO(base64.b64decode(payload)))).astype(np.int16)
+        assert np.array_equal(image, service.base)  # nothing of either LoRA stays applied
     finally:
         cog.stop()
 
