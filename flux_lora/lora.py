@@ -21,6 +21,7 @@ import logging
 import math
 import re
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -517,6 +518,19 @@ class Wanted:
     scale: float
 
 
+class _OtherAdaptersReport(logging.Filter):
+    """transformers' LOAD REPORT after a second CLIP adapter lists the first one's keys as MISSING ("newly
+    initialized"): noise in the prediction logs. Reports that name the adapter being loaded still pass."""
+
+    def __init__(self, slot: str) -> None:
+        super().__init__()
+        self.slot = slot
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return "LOAD REPORT" not in message or f".{self.slot}." in message
+
+
 def _lora_layers(model: nn.Module) -> list[nn.Module]:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -690,10 +704,18 @@ class LoraManager:
         else:
             from diffusers import FluxPipeline
 
-            FluxPipeline.load_lora_into_text_encoder(
-                {f"text_encoder.{k}": v for k, v in sd.items()}, network_alphas=None, text_encoder=module,
-                prefix="text_encoder", adapter_name=slot,
-            )
+            report = _OtherAdaptersReport(slot)
+            transformers_peft = logging.getLogger("transformers.integrations.peft")
+            transformers_peft.addFilter(report)
+            try:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                    FluxPipeline.load_lora_into_text_encoder(
+                        {f"text_encoder.{k}": v for k, v in sd.items()}, network_alphas=None, text_encoder=module,
+                        prefix="text_encoder", adapter_name=slot,
+                    )
+            finally:
+                transformers_peft.removeFilter(report)
 
     def _pad(self, module: nn.Module, slot: str) -> None:
         """Pad every adapter of `module` to the hot-swap rank, scalings as tensors, so later LoRAs of any rank up

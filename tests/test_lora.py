@@ -24,7 +24,7 @@ from fakes import FakeServer
 from PIL import Image
 
 from flux_lora.errors import UserError
-from flux_lora.lora import LoraError, LoraManager, ModelNames, _Lru, convert_lora, effective_scale
+from flux_lora.lora import LoraError, LoraManager, ModelNames, Wanted, _Lru, convert_lora, effective_scale
 from flux_lora.request import LoraSpec
 from flux_lora.service import HOTSWAP, TRAINED, Service
 from flux_lora.settings import Settings
@@ -526,3 +526,24 @@ def test_compiled_transformer_swaps_main_and_extra_of_any_rank_without_recompili
         manager.apply("dev", both("big", "b"))
     assert "rank 16, above the hot-swap rank 8" in caplog.text
     assert not torch.equal(call(), first)
+
+
+def test_a_second_clip_adapter_prints_no_load_report(service):
+    """transformers logs a LOAD REPORT listing the first adapter's keys as MISSING when a second one loads."""
+    dev = service.pipelines.text2img["dev"]
+    te = dev.text_encoder
+    files = {"a": S.clip_lora(te, 1), "b": S.clip_lora(te, 2)}
+    manager = LoraManager({"dev": dev.transformer}, te, lambda ref: ref)
+    manager.converted = lambda ref, field: (ref, convert_lora(files[ref], manager.names))  # no files needed
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    source = logging.getLogger("transformers.integrations.peft")  # where transformers logs the report
+    source.addHandler(handler)
+    try:
+        manager.apply("dev", [Wanted("main", "x", "a", 1.0), Wanted("extra", "extra_lora", "b", 1.0)])
+        assert not [r for r in records if "LOAD REPORT" in r.getMessage()]
+    finally:
+        source.removeHandler(handler)
+        for slot in ("main", "extra"):
+            manager._discard(te, slot)
