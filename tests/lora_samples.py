@@ -141,7 +141,8 @@ def clip_lora(text_encoder: nn.Module, seed: int, rank: int = 4, kohya: bool = F
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for name, module in text_encoder.named_modules():
-        if not isinstance(module, nn.Linear) or "self_attn" not in name:
+        name = name.removesuffix(".base_layer")  # a layer peft wrapped counts as the layer itself
+        if not isinstance(module, nn.Linear) or "self_attn" not in name or "lora_" in name:
             continue
         down = torch.randn(rank, module.in_features, generator=gen) / module.in_features**0.5
         up = torch.randn(module.out_features, rank, generator=gen) * 2.0

@@ -101,6 +101,7 @@ def loras(service) -> dict[str, dict[str, torch.Tensor]]:
         "clip": S.clip_lora(te, 4),
         "clip_kohya": S.clip_lora(te, 4, kohya=True),
         "b": S.as_peft(b, tr),
+        "refused": S.as_peft(S.random_lora(tr, 7), tr),  # only ever loaded by the peft-refusal test
         "sdxl": S.sdxl_lora(),
         "sd15": S.sd15_lora(),
         "unmatched": S.unmatched_lora(),
@@ -441,11 +442,11 @@ def test_a_lora_peft_refuses_fails_clearly_and_leaves_nothing_behind(service, se
 
     monkeypatch.setattr(peft, "set_peft_model_state_dict", refuse)  # diffusers imports it per call
     with pytest.raises(UserError, match="^extra_lora: .*cannot be loaded"):
-        run(service, input_image, replicate_weights=url(server, "peft"), extra_lora=url(server, "b"))
+        run(service, input_image, replicate_weights=url(server, "peft"), extra_lora=url(server, "refused"))
     monkeypatch.undo()
     assert np.array_equal(run(service, input_image, replicate_weights=url(server, "peft")), main)
     assert np.array_equal(run(service, input_image), service.base)
-    with_extra = run(service, input_image, replicate_weights=url(server, "peft"), extra_lora=url(server, "b"))
+    with_extra = run(service, input_image, replicate_weights=url(server, "peft"), extra_lora=url(server, "refused"))
     assert differs(with_extra, main)
 
 
@@ -541,9 +542,10 @@ def test_a_second_clip_adapter_prints_no_load_report(service):
     source = logging.getLogger("transformers.integrations.peft")  # where transformers logs the report
     source.addHandler(handler)
     try:
-        manager.apply("dev", [Wanted("main", "x", "a", 1.0), Wanted("extra", "extra_lora", "b", 1.0)])
+        # Slots of their own: the service's adapters already sit on this shared text encoder.
+        manager.apply("dev", [Wanted("first", "x", "a", 1.0), Wanted("second", "extra_lora", "b", 1.0)])
         assert not [r for r in records if "LOAD REPORT" in r.getMessage()]
     finally:
         source.removeHandler(handler)
-        for slot in ("main", "extra"):
+        for slot in ("first", "second"):
             manager._discard(te, slot)
