@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -71,7 +73,11 @@ _SUFFIXES: tuple[tuple[str, str], ...] = (
     (".alpha", "alpha"),
 )
 _DORA = ("dora_scale", "lora_magnitude_vector")
-_LYCORIS = ("hada_w", "lokr_w", "lokr_t", "hada_t", ".oft_", "oft_blocks", ".lora_mid.", ".diff", ".diff_b", ".b1")
+# LyCORIS variants, told by a key's last name (`<module>.hada_w1_a`) or the one before `.weight`
+# (`<module>.lora_mid.weight`): never a substring test, `model.diffusion_model.` contains ".diff".
+_LYCORIS_LAST_PREFIXES = ("hada_w", "hada_t", "lokr_w", "lokr_t", "oft_")
+_LYCORIS_LAST = ("diff", "diff_b")
+_LYCORIS_WEIGHT_OF = ("lora_mid", "a1", "a2", "b1", "b2")
 # Key fragments of other diffusion architectures (flattened: dots become underscores).
 _FOREIGN: tuple[tuple[str, str], ...] = (
     ("input_blocks_", "SDXL/SD 1.5 (original UNet names)"),
@@ -264,13 +270,21 @@ def detect_format(keys: Iterable[str]) -> str:
     return "peft/diffusers"
 
 
+def _is_lycoris(key: str) -> bool:
+    parts = key.split(".")
+    last = parts[-1]
+    if last in _LYCORIS_LAST or last.startswith(_LYCORIS_LAST_PREFIXES):
+        return True
+    return last == "weight" and len(parts) > 1 and parts[-2] in _LYCORIS_WEIGHT_OF
+
+
 def _reject_variants(keys: list[str]) -> None:
     if any(marker in k for k in keys for marker in _DORA):
         raise LoraError(
             "is a DoRA LoRA (keys with dora_scale/lora_magnitude_vector); DoRA is not supported: "
             "use a plain LoRA (lora_A/lora_B or lora_down/lora_up)"
         )
-    if any(marker in k for k in keys for marker in _LYCORIS):
+    if any(_is_lycoris(k) for k in keys):
         raise LoraError(
             "is a LyCORIS LoRA (LoHa/LoKr/OFT/full-diff keys); only plain LoRAs are supported: "
             "convert it to a standard LoRA or use another file"
@@ -285,17 +299,63 @@ def _foreign_architecture(stems: Iterable[str]) -> str | None:
     return None
 
 
-def _metadata_alpha(metadata: dict[str, str] | None) -> tuple[float | None, dict[str, float]]:
-    """peft/diffusers files may keep lora_alpha in the safetensors header instead of `.alpha` keys."""
+def _number(value: object) -> float | None:
+    """A finite real number, or None (JSON null, strings, lists, booleans, NaN are not numbers)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _metadata_alphas(metadata: dict[str, str] | None) -> dict[str, tuple[float | None, dict[str, float]]]:
+    """peft/diffusers files may keep lora_alpha in the safetensors header instead of `.alpha` keys, per
+    component (`transformer.lora_alpha`, `text_encoder.lora_alpha`; unprefixed ones apply to both).
+    Returns {"transformer" | "text_encoder": (alpha, alpha_pattern)}."""
     if not metadata or "lora_adapter_metadata" not in metadata:
-        return None, {}
+        return {}
     try:
         meta = json.loads(metadata["lora_adapter_metadata"])
     except (TypeError, ValueError):
-        return None, {}
-    alpha = meta.get("transformer.lora_alpha", meta.get("lora_alpha"))
-    pattern = meta.get("transformer.alpha_pattern", meta.get("alpha_pattern")) or {}
-    return (float(alpha) if alpha is not None else None), {k: float(v) for k, v in pattern.items()}
+        raise LoraError("has a lora_adapter_metadata header that is not JSON") from None
+    if not isinstance(meta, dict):
+        raise LoraError("has a lora_adapter_metadata header that is not a JSON object")
+    out: dict[str, tuple[float | None, dict[str, float]]] = {}
+    for component in ("transformer", "text_encoder"):
+        alpha = meta.get(f"{component}.lora_alpha", meta.get("lora_alpha"))
+        pattern = meta.get(f"{component}.alpha_pattern", meta.get("alpha_pattern")) or {}
+        if alpha is not None and _number(alpha) is None:
+            raise LoraError(f"has a lora_alpha in its metadata that is not a number ({alpha!r})")
+        if not isinstance(pattern, dict) or any(_number(v) is None for v in pattern.values()):
+            raise LoraError("has an alpha_pattern in its metadata that is not an object of numbers")
+        out[component] = _number(alpha), {k: float(v) for k, v in pattern.items()}
+    return out
+
+
+def _pattern_alpha(pattern: dict[str, float], name: str) -> float | None:
+    """peft's alpha_pattern keys name a module exactly (`^name`, as diffusers writes them) or a suffix of it."""
+    if name in pattern or f"^{name}" in pattern:
+        return pattern.get(name, pattern.get(f"^{name}"))
+    return next((alpha for key, alpha in pattern.items() if name.endswith("." + key)), None)
+
+
+def _alpha(stem: str, value: torch.Tensor) -> float:
+    """A `.alpha` entry: one finite number (a 0-d or one-element tensor)."""
+    number = float(value.float().item()) if value.numel() == 1 else math.nan
+    if not math.isfinite(number):
+        raise LoraError(f"has a malformed alpha for {stem} (shape {tuple(value.shape)}): expected one finite number")
+    return number
+
+
+def _check_matrices(stem: str, down: torch.Tensor, up: torch.Tensor) -> None:
+    """down [rank, in] and up [out, rank], floating point, rank >= 1: before anything reads a rank."""
+    if (
+        down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]
+        or not down.is_floating_point() or not up.is_floating_point()
+    ):
+        raise LoraError(
+            f"has malformed weights for {stem}: down {tuple(down.shape)} {down.dtype}, up {tuple(up.shape)} {up.dtype}"
+        )
+    if down.shape[0] == 0:
+        raise LoraError(f"has rank 0 for {stem}: a LoRA needs rank 1 or more")
 
 
 def convert_lora(
@@ -318,7 +378,7 @@ def convert_lora(
         stem, role = split
         entry = grouped.setdefault(stem, _RawModule())
         if role == "alpha":
-            entry.alpha = float(raw[key].float().item()) if torch.is_tensor(raw[key]) else float(raw[key])
+            entry.alpha = _alpha(stem, raw[key])
         else:
             setattr(entry, role, raw[key])
 
@@ -328,29 +388,34 @@ def convert_lora(
     if not grouped:
         raise LoraError(f"has no LoRA weights (no lora_A/lora_B or lora_down/lora_up keys among {len(keys)} keys)")
 
-    meta_alpha, meta_pattern = _metadata_alpha(metadata)
+    meta = _metadata_alphas(metadata)
     out = ConvertedLora(fmt)
     skipped_t5, unmatched = 0, list(unknown)
     for stem, entry in grouped.items():
         if entry.down is None or entry.up is None:
             unmatched.append(stem)
             continue
+        _check_matrices(stem, entry.down, entry.up)
         if _strip(stem, _T5_PREFIXES) is not None:
             skipped_t5 += 1
             continue
         clip_name = _strip(stem, _CLIP_PREFIXES)
         if clip_name is not None:
             table, linears, target = names.clip, names.clip_linears, out.text_encoder
-            name = clip_name
+            name, component = clip_name, "text_encoder"
         else:
             table, linears, target = names.transformer, names.transformer_linears, out.transformer
-            name = _strip(stem, _TRANSFORMER_PREFIXES) or stem
+            name, component = _strip(stem, _TRANSFORMER_PREFIXES) or stem, "transformer"
         parts = table.get(_flat(name))
         if parts is None:
             unmatched.append(stem)
             continue
         rank = entry.down.shape[0]
-        alpha = entry.alpha if entry.alpha is not None else meta_pattern.get(name, meta_alpha)
+        alpha = entry.alpha
+        if alpha is None and component in meta:
+            meta_alpha, pattern = meta[component]
+            alpha = _pattern_alpha(pattern, name)
+            alpha = meta_alpha if alpha is None else alpha
         scale = alpha / rank if alpha is not None else 1.0
         for part in parts:
             down, up = _part_weights(stem, entry.down, entry.up, part, linears[part.module])
@@ -381,8 +446,6 @@ def _part_weights(
     stem: str, down: torch.Tensor, up: torch.Tensor, part: _Part, module: nn.Linear
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cut a fused LoRA down to one target module, checking every shape against the real layer."""
-    if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
-        raise LoraError(f"has malformed weights for {stem}: down {tuple(down.shape)}, up {tuple(up.shape)}")
     if part.rows is not None:
         if up.shape[0] != part.fused_rows:
             raise _shape_error(stem, part.module, module, down, up)
@@ -455,6 +518,19 @@ class Wanted:
     scale: float
 
 
+class _OtherAdaptersReport(logging.Filter):
+    """transformers' LOAD REPORT after a second CLIP adapter lists the first one's keys as MISSING ("newly
+    initialized"): noise in the prediction logs. Reports that name the adapter being loaded still pass."""
+
+    def __init__(self, slot: str) -> None:
+        super().__init__()
+        self.slot = slot
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return "LOAD REPORT" not in message or f".{self.slot}." in message
+
+
 def _lora_layers(model: nn.Module) -> list[nn.Module]:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -510,7 +586,6 @@ class LoraManager:
         self.names = ModelNames.of(first, text_encoder)
         # component id -> slot -> identity (path:size:mtime) of the file loaded there
         self._loaded: dict[int, dict[str, str]] = {}
-        self._hotswap_ready: set[int] = set()
         self.loads = 0  # adapter loads so far (tests and the benchmark read it)
 
     def converted(self, ref: str, field: str) -> tuple[str, ConvertedLora]:
@@ -542,21 +617,26 @@ class LoraManager:
     def wanted(
         self, main: LoraSpec | None, extra: LoraSpec | None, go_fast: bool, main_field: str = "replicate_weights"
     ) -> list[Wanted]:
-        """The adapters a request asks for; the same reference as main and extra counts once."""
+        """The adapters a request asks for (`apply` counts the same file as main and extra once)."""
         out: list[Wanted] = []
         if main is not None:
             out.append(Wanted("main", main_field, main.ref, effective_scale(main.scale, go_fast)))
         if extra is not None:
-            if main is not None and extra.ref == main.ref:
-                log.warning("extra_lora is the same LoRA as the main one (%s): applying it once", shown(extra.ref))
-            else:
-                out.append(Wanted("extra", "extra_lora", extra.ref, effective_scale(extra.scale, go_fast)))
+            out.append(Wanted("extra", "extra_lora", extra.ref, effective_scale(extra.scale, go_fast)))
         return out
 
     def apply(self, model: str, wanted: list[Wanted]) -> None:
         """Make `model`'s transformer (and the shared CLIP) run exactly the wanted adapters."""
         start = time.perf_counter()
-        loras = {w.slot: (w, *self.converted(w.ref, w.field)) for w in wanted}
+        loras: dict[str, tuple[Wanted, str, ConvertedLora]] = {}
+        for want in wanted:
+            identity, lora = self.converted(want.ref, want.field)
+            # The same file under two spellings (owner/model, https://replicate.com/owner/model) counts once.
+            if any(identity == other for _, other, _ in loras.values()):
+                log.warning("%s is the same LoRA as the main one (%s): applying it once", want.field, shown(want.ref))
+                continue
+            loras[want.slot] = (want, identity, lora)
+        wanted = [w for w, _, _ in loras.values()]
         components: list[tuple[nn.Module, str]] = [(self.transformers[model], "transformer")]
         if self.text_encoder is not None:
             components.append((self.text_encoder, "text_encoder"))
@@ -567,7 +647,7 @@ class LoraManager:
                 sd = lora.transformer if kind == "transformer" else lora.text_encoder
                 if not sd:
                     continue
-                changed |= self._ensure(module, kind, slot, identity, sd, want.ref)
+                changed |= self._ensure(module, kind, want, identity, sd)
                 scales[slot] = want.scale
             self._activate(module, kind, scales)
         log.info(
@@ -576,24 +656,34 @@ class LoraManager:
             model, time.perf_counter() - start, " (loaded)" if changed else "",
         )
 
-    def _ensure(self, module: nn.Module, kind: str, slot: str, identity: str, sd: dict[str, torch.Tensor],
-                ref: str) -> bool:
-        """Load the file `identity` into `slot` of `module` unless it is already there. True when something loaded."""
+    def _ensure(self, module: nn.Module, kind: str, want: Wanted, identity: str, sd: dict[str, torch.Tensor]) -> bool:
+        """Load the file `identity` into `want.slot` of `module` unless already there. True when something loaded."""
+        slot, ref = want.slot, want.ref
         loaded = self._loaded.setdefault(id(module), {})
         if loaded.get(slot) == identity:
             return False
         hotswap = kind == "transformer" and self.hotswap_rank is not None
-        if hotswap and id(module) not in self._hotswap_ready:
-            module.enable_lora_hotswap(target_rank=self.hotswap_rank, check_compiled="ignore")
-            self._hotswap_ready.add(id(module))
+        rank = max((t.shape[0] for k, t in sd.items() if k.endswith("lora_A.weight")), default=0)
         if slot in loaded:
-            if hotswap and self._hotswap(module, slot, ref, sd):
+            if hotswap and rank > self.hotswap_rank:
+                log.warning(
+                    "LoRA %s has rank %d, above the hot-swap rank %d (FLUX_LORA_HOTSWAP_RANK): slow path, a compiled "
+                    "model recompiles", shown(ref), rank, self.hotswap_rank,
+                )
+            elif hotswap and self._hotswap(module, slot, ref, sd):
                 loaded[slot] = identity
                 self.loads += 1
                 return True
             self._delete(module, kind, slot)
             del loaded[slot]
-        self._load(module, kind, slot, sd)
+        try:
+            self._load(module, kind, slot, sd)
+        except (ValueError, RuntimeError, KeyError) as exc:  # peft refused it (after our own checks passed)
+            self._discard(module, slot)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise LoraError(f"{want.field}: the LoRA {shown(ref)!r} cannot be loaded ({kind}): {first}") from None
+        if hotswap:
+            self._pad(module, slot)
         loaded[slot] = identity
         self.loads += 1
         return True
@@ -614,10 +704,40 @@ class LoraManager:
         else:
             from diffusers import FluxPipeline
 
-            FluxPipeline.load_lora_into_text_encoder(
-                {f"text_encoder.{k}": v for k, v in sd.items()}, network_alphas=None, text_encoder=module,
-                prefix="text_encoder", adapter_name=slot,
-            )
+            report = _OtherAdaptersReport(slot)
+            transformers_peft = logging.getLogger("transformers.integrations.peft")
+            transformers_peft.addFilter(report)
+            try:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                    FluxPipeline.load_lora_into_text_encoder(
+                        {f"text_encoder.{k}": v for k, v in sd.items()}, network_alphas=None, text_encoder=module,
+                        prefix="text_encoder", adapter_name=slot,
+                    )
+            finally:
+                transformers_peft.removeFilter(report)
+
+    def _pad(self, module: nn.Module, slot: str) -> None:
+        """Pad every adapter of `module` to the hot-swap rank, scalings as tensors, so later LoRAs of any rank up
+        to it swap into `slot` in place: diffusers' `enable_lora_hotswap` only prepares the first adapter ever
+        loaded, leaving the other slot, and any slot reloaded after a slow path, unpadded. An adapter above the
+        rank (loaded on the slow path) sets the padding for the others while it stays."""
+        from peft.utils.hotswap import prepare_model_for_compiled_hotswap
+
+        ranks = [layer.lora_A[name].weight.shape[0] for layer in _lora_layers(module) for name in layer.lora_A]
+        target = max([self.hotswap_rank or 0, *ranks])
+        config = getattr(module, "peft_config", {}).get(slot)
+        prepare_model_for_compiled_hotswap(module, target_rank=target, config=config, check_compiled="ignore")
+
+    @staticmethod
+    def _discard(module: nn.Module, slot: str) -> None:
+        """Remove whatever a failed load left of `slot` (layers peft injected before it raised)."""
+        from diffusers.utils.peft_utils import delete_adapter_layers
+
+        try:
+            delete_adapter_layers(module, slot)
+        except (ValueError, KeyError) as exc:
+            log.warning("Cleaning up the failed adapter %s: %s", slot, exc)
 
     def _delete(self, module: nn.Module, kind: str, slot: str) -> None:
         if kind == "transformer":

@@ -101,12 +101,12 @@ def as_kohya(lora: Lora, alpha_ratio: float = 0.5) -> dict[str, torch.Tensor]:
     return out
 
 
-def as_comfyui(lora: Lora) -> dict[str, torch.Tensor]:
-    """ComfyUI: BFL names under `diffusion_model.`, lora_A/lora_B, no marker."""
+def as_comfyui(lora: Lora, prefix: str = "diffusion_model.") -> dict[str, torch.Tensor]:
+    """ComfyUI: BFL names under `diffusion_model.` (or `model.diffusion_model.`), lora_A/lora_B, no marker."""
     out = {}
     for name, (down, up) in lora.items():
-        out[f"diffusion_model.{name}.lora_A.weight"] = down.clone()
-        out[f"diffusion_model.{name}.lora_B.weight"] = up.clone()
+        out[f"{prefix}{name}.lora_A.weight"] = down.clone()
+        out[f"{prefix}{name}.lora_B.weight"] = up.clone()
     return out
 
 
@@ -141,7 +141,8 @@ def clip_lora(text_encoder: nn.Module, seed: int, rank: int = 4, kohya: bool = F
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for name, module in text_encoder.named_modules():
-        if not isinstance(module, nn.Linear) or "self_attn" not in name:
+        name = name.removesuffix(".base_layer")  # a layer peft wrapped counts as the layer itself
+        if not isinstance(module, nn.Linear) or "self_attn" not in name or "lora_" in name:
             continue
         down = torch.randn(rank, module.in_features, generator=gen) / module.in_features**0.5
         up = torch.randn(module.out_features, rank, generator=gen) * 2.0

@@ -24,7 +24,7 @@ from fakes import FakeServer
 from PIL import Image
 
 from flux_lora.errors import UserError
-from flux_lora.lora import LoraError, LoraManager, ModelNames, _Lru, convert_lora, effective_scale
+from flux_lora.lora import LoraError, LoraManager, ModelNames, Wanted, _Lru, convert_lora, effective_scale
 from flux_lora.request import LoraSpec
 from flux_lora.service import HOTSWAP, TRAINED, Service
 from flux_lora.settings import Settings
@@ -93,6 +93,7 @@ def loras(service) -> dict[str, dict[str, torch.Tensor]]:
         "peft_noprefix": S.as_peft(a, tr, prefix=""),
         "kohya": S.as_kohya(a),
         "comfyui": S.as_comfyui(a),
+        "comfyui_model": S.as_comfyui(a, prefix="model.diffusion_model."),
         "mixture": S.as_mixture(a, tr),
         "xlabs": S.as_xlabs(attn),
         "xlabs_as_peft": S.as_peft(attn, tr),
@@ -100,6 +101,7 @@ def loras(service) -> dict[str, dict[str, torch.Tensor]]:
         "clip": S.clip_lora(te, 4),
         "clip_kohya": S.clip_lora(te, 4, kohya=True),
         "b": S.as_peft(b, tr),
+        "refused": S.as_peft(S.random_lora(tr, 7), tr),  # only ever loaded by the peft-refusal test
         "sdxl": S.sdxl_lora(),
         "sd15": S.sd15_lora(),
         "unmatched": S.unmatched_lora(),
@@ -136,7 +138,8 @@ def url(server: FakeServer, name: str) -> str:
 
 @pytest.mark.parametrize(
     ("fmt", "same_as"),
-    [("peft", None), ("peft_noprefix", "peft"), ("kohya", "peft"), ("comfyui", "peft"), ("mixture", "peft"),
+    [("peft", None), ("peft_noprefix", "peft"), ("kohya", "peft"), ("comfyui", "peft"), ("comfyui_model", "peft"),
+     ("mixture", "peft"),
      ("xlabs", "xlabs_as_peft"), ("clip", None), ("clip_kohya", "clip")],
 )
 def test_each_format_changes_the_image_and_means_the_same(service, server, input_image, fmt, same_as):
@@ -195,6 +198,18 @@ def test_go_fast_multiplies_scales_by_one_and_a_half(service):
     assert effective_scale(0.8, go_fast=False) == 0.8
 
 
+def test_go_fast_runs_the_fast_transformer_at_one_and_a_half_times_the_scales(service, server, input_image):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    base = run(service, input_image, go_fast=True)
+    image = run(service, input_image, go_fast=True, replicate_weights=url(server, "peft"), lora_scale=1.0,
+                extra_lora=url(server, "b"), extra_lora_scale=-0.4)
+    assert differs(image, base)
+    layers = [m for m in service.loras.transformers["dev:fast"].modules() if isinstance(m, BaseTunerLayer)]
+    scales = {(name, round(float(layer.scaling[name]), 6)) for layer in layers for name in layer.active_adapters}
+    assert scales == {("main", 1.5), ("extra", -0.6)}
+
+
 def test_txt2img_schnell_and_inpaint_take_the_same_adapters(service, server, input_image, tmp_path):
     lora = url(server, "peft")
     assert differs(run(service, replicate_weights=lora), run(service))
@@ -246,8 +261,11 @@ def test_bfl_final_layer_modulation_swaps_shift_and_scale(service):
 def test_lycoris_is_rejected_and_t5_parts_are_skipped(service, caplog):
     dev = service.pipelines.text2img["dev"]
     names = ModelNames.of(dev.transformer, dev.text_encoder)
-    with pytest.raises(LoraError, match="LyCORIS"):
-        convert_lora({"lora_unet_double_blocks_0_img_attn_qkv.lokr_w1": torch.ones(2, 2)}, names)
+    lycoris = ("lora_unet_double_blocks_0_img_attn_qkv.lokr_w1", "lora_unet_single_blocks_0_linear1.hada_w1_a",
+               "diffusion_model.double_blocks.0.img_attn.qkv.diff", "lora_unet_single_blocks_0_linear1.lora_mid.weight")
+    for key in lycoris:
+        with pytest.raises(LoraError, match="LyCORIS"):
+            convert_lora({key: torch.ones(2, 2)}, names)
     lora = S.as_kohya(S.random_lora(dev.transformer, 1, only=("img_attn.proj",)))
     lora["lora_te2_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight"] = torch.ones(4, 32)
     lora["lora_te2_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight"] = torch.ones(32, 4)
@@ -369,6 +387,165 @@ def test_http_server_applies_loras_and_survives_a_bad_one(settings, server, inpu
         assert np.array_equal(image, run(service, input_image, replicate_weights=url(server, "comfyui")))
         bad = predict(replicate_weights=url(server, "sdxl"))
         assert bad["status"] == "failed" and "SDXL" in bad["error"], json.dumps(bad)[:500]
-        assert predict()["status"] == "succeeded"
+        after = predict()
+        assert after["status"] == "succeeded", after
+        payload = after["output"][0].split(",", 1)[1]
+        image = np.asarray(Image.open(io.BytesIO(base64.b64decode(payload)))).astype(np.int16)
+        assert np.array_equal(image, service.base)  # nothing of either LoRA stays applied
     finally:
         cog.stop()
+
+
+def _malformed(tr: torch.nn.Module) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str] | None]]:
+    """Files a trainer bug or a truncated conversion could write, each paired with header metadata."""
+    kohya = S.as_kohya(S.random_lora(tr, 1, only=("img_attn.proj",)))
+    stem = "lora_unet_double_blocks_0_img_attn_proj"
+    peft = S.as_peft(S.random_lora(tr, 1, only=("img_attn.proj",)), tr)
+    return {
+        "alpha with two elements": ({**kohya, f"{stem}.alpha": torch.tensor([2.0, 2.0])}, None),
+        "nan alpha": ({**kohya, f"{stem}.alpha": torch.tensor(float("nan"))}, None),
+        "rank 0 with alpha": ({**kohya, f"{stem}.lora_down.weight": torch.zeros(0, 32),
+                               f"{stem}.lora_up.weight": torch.zeros(32, 0)}, None),
+        "rank 0 without alpha": ({"transformer.transformer_blocks.0.attn.to_out.0.lora_A.weight": torch.zeros(0, 32),
+                                  "transformer.transformer_blocks.0.attn.to_out.0.lora_B.weight": torch.zeros(32, 0)},
+                                 None),
+        "0-d down": ({**kohya, f"{stem}.lora_down.weight": torch.tensor(1.0)}, None),
+        "integer weights": ({k: v.to(torch.int32) for k, v in peft.items()}, None),
+        "metadata list": (peft, {"lora_adapter_metadata": "[1]"}),
+        "metadata not json": (peft, {"lora_adapter_metadata": "{"}),
+        "metadata alpha string": (peft, {"lora_adapter_metadata": '{"lora_alpha": "x"}'}),
+        "metadata pattern null": (peft, {"lora_adapter_metadata": '{"lora_alpha": 8, "alpha_pattern": {"a": null}}'}),
+    }
+
+
+def test_malformed_files_fail_with_a_lora_error(service):
+    dev = service.pipelines.text2img["dev"]
+    names = ModelNames.of(dev.transformer, dev.text_encoder)
+    for label, (tensors, metadata) in _malformed(dev.transformer).items():
+        with pytest.raises(LoraError, match="malformed|rank 0|metadata") as info:
+            convert_lora(tensors, names, metadata)
+        assert "\n" not in str(info.value), label
+
+
+def test_a_lora_peft_refuses_fails_clearly_and_leaves_nothing_behind(service, server, input_image, monkeypatch):
+    """peft raising half-way through injecting the extra adapter: a LoraError naming the field, then the
+    main LoRA alone and no LoRA give exactly their images again (no half-injected adapter stays)."""
+    import peft
+
+    main = run(service, input_image, replicate_weights=url(server, "peft"))
+    real = peft.set_peft_model_state_dict
+
+    def refuse(model, state_dict, adapter_name, **kwargs):
+        if adapter_name == "extra":  # after inject_adapter_in_model added the extra's layers
+            raise ValueError("`r` should be a positive integer value but the value passed is 0")
+        return real(model, state_dict, adapter_name, **kwargs)
+
+    monkeypatch.setattr(peft, "set_peft_model_state_dict", refuse)  # diffusers imports it per call
+    with pytest.raises(UserError, match="^extra_lora: .*cannot be loaded"):
+        run(service, input_image, replicate_weights=url(server, "peft"), extra_lora=url(server, "refused"))
+    monkeypatch.undo()
+    assert np.array_equal(run(service, input_image, replicate_weights=url(server, "peft")), main)
+    assert np.array_equal(run(service, input_image), service.base)
+    with_extra = run(service, input_image, replicate_weights=url(server, "peft"), extra_lora=url(server, "refused"))
+    assert differs(with_extra, main)
+
+
+def test_metadata_alpha_is_read_per_component(service):
+    """A diffusers-saved file keeps `transformer.lora_alpha` and `text_encoder.lora_alpha` apart."""
+    dev = service.pipelines.text2img["dev"]
+    names = ModelNames.of(dev.transformer, dev.text_encoder)
+    tensors = {**S.as_peft(S.random_lora(dev.transformer, 1, only=("img_attn.proj",)), dev.transformer),
+               **S.clip_lora(dev.text_encoder, 4)}  # rank 4 everywhere
+    plain = convert_lora(tensors, names)
+    meta = {"transformer.lora_alpha": 8, "text_encoder.lora_alpha": 2,
+            "text_encoder.alpha_pattern": {"^encoder.layers.0.self_attn.q_proj": 4}}
+    scaled = convert_lora(tensors, names, {"lora_adapter_metadata": json.dumps(meta)})
+
+    def ratio(part: str, key: str) -> float:
+        return float((getattr(scaled, part)[key] / getattr(plain, part)[key]).flatten()[0])
+
+    assert ratio("transformer", "transformer_blocks.0.attn.to_out.0.lora_B.weight") == pytest.approx(2.0)
+    assert ratio("text_encoder", "encoder.layers.1.self_attn.q_proj.lora_B.weight") == pytest.approx(0.5)
+    assert ratio("text_encoder", "encoder.layers.0.self_attn.q_proj.lora_B.weight") == pytest.approx(1.0)
+
+
+def test_the_same_file_under_two_references_counts_once(store, loras, tmp_path):
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import save_file
+
+    transformer = FluxTransformer2DModel.from_pretrained(store / "FLUX.1-schnell", subfolder="transformer")
+    path = tmp_path / "mine.safetensors"
+    save_file(loras["peft"], path)
+    spellings = {"owner/model": path, "https://replicate.com/owner/model": path}
+    manager = LoraManager({"schnell": transformer}, None, spellings.__getitem__)
+    manager.apply("schnell", manager.wanted(LoraSpec("owner/model", 1.0),
+                                            LoraSpec("https://replicate.com/owner/model", 0.5), go_fast=False))
+    assert manager.loads == 1
+    layers = [m for m in transformer.modules() if hasattr(m, "lora_A") and "main" in m.lora_A]
+    assert layers and all("extra" not in m.lora_A for m in layers)
+
+
+def test_compiled_transformer_swaps_main_and_extra_of_any_rank_without_recompiling(tmp_path, caplog):
+    """Both slots are padded to the hot-swap rank, on first load and after a slow-path reload, so switching
+    either LoRA (ranks 2-8) or its scale never recompiles; a rank above it takes the logged slow path."""
+    import torch._dynamo
+
+    from flux_lora import fast
+    from flux_lora.fast import WarmupShape
+    from flux_lora.lora import Wanted
+    from flux_lora.tiny import tiny_transformer
+
+    torch._dynamo.reset()
+    transformer = tiny_transformer(True).eval()
+    files = {name: S.save(S.as_peft(S.random_lora(transformer, seed, rank=rank), transformer),
+                          tmp_path / f"{name}.safetensors")
+             for name, seed, rank in (("a", 1, 4), ("b", 2, 2), ("c", 3, 8), ("d", 4, 6), ("big", 5, 16))}
+    manager = LoraManager({"dev": transformer}, None, files.__getitem__, hotswap_rank=8)
+
+    def both(main: str, extra: str | None, main_scale: float = 1.0, extra_scale: float = 1.0) -> list[Wanted]:
+        out = [Wanted("main", "replicate_weights", main, main_scale)]
+        return out + ([Wanted("extra", "extra_lora", extra, extra_scale)] if extra else [])
+
+    def call() -> torch.Tensor:
+        with torch.inference_mode():
+            return transformer(**fast.dummy_inputs(transformer, WarmupShape(1, 64, 8), torch.device("cpu"),
+                                                   torch.float32))[0]
+
+    manager.apply("dev", both("a", "b"))
+    fast.compile_transformer(transformer, backend="eager")
+    first = call()
+    call()
+    outputs = [first]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for wanted in (both("a", "b", 0.7), both("a", "b", 0.7, 0.3), both("c", "b", 0.7, 0.3),
+                       both("c", "d", 0.7, 0.3), both("c", None, 0.7), both("a", "b")):
+            manager.apply("dev", wanted)
+            outputs.append(call())
+    assert all(not torch.equal(x, y) for x, y in zip(outputs[:-2], outputs[1:-1], strict=True))
+    torch.testing.assert_close(outputs[-1], first)  # back to a+b: the same numbers as before the swaps
+    with caplog.at_level(logging.WARNING, logger="flux_lora.lora"):
+        manager.apply("dev", both("big", "b"))
+    assert "rank 16, above the hot-swap rank 8" in caplog.text
+    assert not torch.equal(call(), first)
+
+
+def test_a_second_clip_adapter_prints_no_load_report(service):
+    """transformers logs a LOAD REPORT listing the first adapter's keys as MISSING when a second one loads."""
+    dev = service.pipelines.text2img["dev"]
+    te = dev.text_encoder
+    files = {"a": S.clip_lora(te, 1), "b": S.clip_lora(te, 2)}
+    manager = LoraManager({"dev": dev.transformer}, te, lambda ref: ref)
+    manager.converted = lambda ref, field: (ref, convert_lora(files[ref], manager.names))  # no files needed
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    source = logging.getLogger("transformers.integrations.peft")  # where transformers logs the report
+    source.addHandler(handler)
+    try:
+        # Slots of their own: the service's adapters already sit on this shared text encoder.
+        manager.apply("dev", [Wanted("first", "x", "a", 1.0), Wanted("second", "extra_lora", "b", 1.0)])
+        assert not [r for r in records if "LOAD REPORT" in r.getMessage()]
+    finally:
+        source.removeHandler(handler)
+        for slot in ("first", "second"):
+            manager._discard(te, slot)
