@@ -90,8 +90,12 @@ class WeightCache:
     """Turns LoRA references into verified local `.safetensors` files, cached on disk under LRU."""
 
     def __init__(self, root: Path, policy: DownloadPolicy, max_bytes: int, min_free_bytes: int,
-                 local_dirs: Sequence[Path] = ()) -> None:
+                 local_dirs: Sequence[Path] = (), recheck_seconds: float = 0.0) -> None:
         self.root = Path(root)
+        # Unversioned references are re-pinned (one small request) at most this often: a server that
+        # gets the same `owner/model` on every prediction does not pay a round trip each time.
+        self.recheck_seconds = recheck_seconds
+        self._pins: dict[str, tuple[float, Source]] = {}
         self.policy = policy
         self.max_bytes = max_bytes
         self.min_free_bytes = min_free_bytes
@@ -111,7 +115,7 @@ class WeightCache:
             allow_private=settings.allow_private_urls,
         )
         return cls(settings.cache_dir, policy, settings.cache_max_bytes, settings.cache_min_free_bytes,
-                   settings.local_lora_dirs)
+                   settings.local_lora_dirs, settings.ref_recheck_seconds)
 
     # --- public API -------------------------------------------------------------------------------------
 
@@ -165,6 +169,15 @@ class WeightCache:
     def _pin(self, source: Source) -> Source:
         """An unversioned reference pinned to what it names right now (one small request), so that a newly
         pushed version is a new cache key, while an unchanged one is a hit without downloading."""
+        recent = self._pins.get(source.cache_key)
+        if recent is not None and time.monotonic() - recent[0] < self.recheck_seconds:
+            return recent[1]
+        pinned = self._resolve_pin(source)
+        if pinned != source:
+            self._pins[source.cache_key] = (time.monotonic(), pinned)
+        return pinned
+
+    def _resolve_pin(self, source: Source) -> Source:
         if isinstance(source, ReplicateRef) and source.version is None:
             location = self.downloader.locate(self._target(source))  # `_weights` redirects to the latest file
             return replace(source, weights_url=location) if location else source

@@ -46,6 +46,7 @@ class Settings:
     lora_memory_bytes: int = 2 * 1024**3  # FLUX_LORA_MEMORY_CACHE_BYTES: converted LoRAs kept in RAM
     lora_hotswap_rank: int | None = None  # FLUX_LORA_HOTSWAP_RANK: pad adapters to this rank (compiled)
     local_lora_dirs: tuple[Path, ...] = ()  # FLUX_LORA_LOCAL_LORA_DIRS: folders request fields may name files in
+    ref_recheck_seconds: float = 60.0  # FLUX_LORA_REF_RECHECK_SECONDS: re-pin unversioned refs this often
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -65,6 +66,7 @@ class Settings:
             allow_private_urls=_flag("FLUX_LORA_ALLOW_PRIVATE_URLS"),
             lora_memory_bytes=_size("FLUX_LORA_MEMORY_CACHE_BYTES", "2GiB"),
             lora_hotswap_rank=int(os.environ.get("FLUX_LORA_HOTSWAP_RANK") or 0) or None,
+            ref_recheck_seconds=float(os.environ.get("FLUX_LORA_REF_RECHECK_SECONDS") or 60),
             local_lora_dirs=tuple(
                 Path(d) for d in os.environ.get("FLUX_LORA_LOCAL_LORA_DIRS", "").split(os.pathsep) if d.strip()
             ),

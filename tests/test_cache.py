@@ -688,6 +688,18 @@ def test_an_unversioned_replicate_model_follows_its_latest_version(server, env, 
         cache.fetch("acme/new")
 
 
+def test_unversioned_references_are_rechecked_at_most_every_recheck_interval(server, env):
+    v1, v2 = peft_lora(29), peft_lora(30)
+    server.add_redirect("/acme/busy/_weights", server.add_file("/delivery/b1/m.tar", tar_of({"l.safetensors": v1})))
+    cache = WeightCache(env / "cache", DownloadPolicy(allow_private=True, retries=0), 1 << 30, 0, recheck_seconds=60)
+    for _ in range(3):
+        assert cache.fetch("acme/busy").read_bytes() == v1
+    assert server.count("GET", "/acme/busy/_weights") == 1  # one round trip, not one per prediction
+    server.add_redirect("/acme/busy/_weights", server.add_file("/delivery/b2/m.tar", tar_of({"l.safetensors": v2})))
+    cache.recheck_seconds = 0  # the interval is over
+    assert cache.fetch("acme/busy").read_bytes() == v2
+
+
 @pytest.mark.parametrize("ref", ["huggingface.co/acme/live", "huggingface.co/acme/live/lora.safetensors"])
 def test_an_unversioned_hub_reference_follows_the_branch_head(server, env, monkeypatch, caplog, ref):
     v1, v2 = peft_lora(27), peft_lora(28)
