@@ -61,7 +61,8 @@ def test_two_versions_of_one_name_stop_the_install_and_unknown_device_versions_a
 
 def make_wheel(folder: Path, name: str, version: str, *requires: str, padding: int = 0) -> None:
     path = folder / f"{name}-{version}-py3-none-any.whl"
-    meta = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n" + "".join(f"Requires-Dist: {r}\n" for r in requires)
+    needs = "".join(f"Requires-Dist: {r}\n" for r in requires)
+    meta = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n{needs}"
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr(f"{name}-{version}.dist-info/METADATA", meta)
         zf.writestr(f"{name}/pad.bin", b"\0" * padding)
