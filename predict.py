@@ -11,8 +11,11 @@ that arrives while another runs waits its turn instead of getting `409 At capaci
 """
 
 import asyncio
+import contextvars
+import functools
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
 from cog import BaseRunner, Input, Path
@@ -107,6 +110,12 @@ class Inputs:
         return Input(description=GO_FAST_DESCRIPTION, default=default)
 
 
+def _without_grad() -> None:
+    import torch
+
+    torch.set_grad_enabled(False)
+
+
 class OneAtATime(BaseRunner):
     """cog may hand us several requests at once; the GPU runs them one after another, in order."""
 
@@ -114,9 +123,11 @@ class OneAtATime(BaseRunner):
         self.service = Service.start(variant, weights)
         self.steps = log_progress(self.service.pipelines)
         self.gpu = asyncio.Lock()  # FIFO: requests run in the order they arrived
+        # One thread for every run: torch's grad mode is per thread (setup turned it off in its own).
+        self.gpu_thread = ThreadPoolExecutor(1, thread_name_prefix="gpu", initializer=_without_grad)
 
     async def in_turn(self, inputs: dict[str, Any]) -> list[Path]:
-        """Wait for the GPU (cancelling here ends the prediction unrun), then run in a worker thread.
+        """Wait for the GPU (cancelling here ends the prediction unrun), then run in the GPU thread.
 
         A cancel during the run stops it at its next denoising step (flux_lora.progress); the GPU
         is released only once the run has stopped, so the next request never overlaps it.
@@ -126,13 +137,16 @@ class OneAtATime(BaseRunner):
         async with self.gpu:
             cancel = threading.Event()
             self.steps.cancel = cancel
-            work = asyncio.ensure_future(asyncio.to_thread(self.service.predict, **inputs))
+            run = functools.partial(self.service.predict, **inputs)
+            # copy_context: the run's log lines carry this prediction's id (cog routes them by it).
+            work = asyncio.get_running_loop().run_in_executor(self.gpu_thread, contextvars.copy_context().run, run)
             try:
                 paths = await asyncio.shield(work)
             except asyncio.CancelledError:
                 cancel.set()
                 await asyncio.wait({work})
-                work.cancelled() or work.exception()  # retrieved: its CancelationException is expected
+                if not work.cancelled():
+                    work.exception()  # its CancelationException is expected: mark it retrieved
                 raise
             finally:
                 self.steps.cancel = None
