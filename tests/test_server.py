@@ -62,6 +62,18 @@ def _server_log(server: CogServer) -> list[dict]:
     return lines
 
 
+def _wait_for_log(server: CogServer, prediction_id: str, pattern: str, timeout: float = 60) -> None:
+    """Until the server has logged `pattern` for that prediction (no guessing with sleeps)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for entry in _server_log(server):
+            fields = entry.get("fields", {})
+            if fields.get("prediction_id") == prediction_id and re.search(pattern, fields.get("message", "")):
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"{prediction_id} never logged {pattern!r}")
+
+
 def test_cog_yaml_and_serve_use_the_same_number_of_slots() -> None:
     config = yaml.safe_load((ROOT / "cog.yaml").read_text())
     assert config["concurrency"]["max"] == MAX_CONCURRENCY == 2
@@ -78,9 +90,9 @@ def test_n_at_once_run_one_after_another_and_one_more_is_refused_at_once(hotswap
     results: dict[str, requests.Response] = {}
     ids = [f"slot-{i}-{uuid.uuid4().hex[:8]}" for i in range(MAX_CONCURRENCY)]
     threads = []
-    for prediction_id in ids:
-        threads.append(_put(hotswap_server, prediction_id, {**SLOW, "num_inference_steps": 6}, results))
-        time.sleep(0.3)
+    for n, prediction_id in enumerate(ids):
+        threads.append(_put(hotswap_server, prediction_id, {**SLOW, "num_inference_steps": 15}, results))
+        _wait_for_log(hotswap_server, prediction_id, "^Using seed" if n == 0 else WAITING)
     start = time.monotonic()
     extra = requests.post(f"{hotswap_server.url}/predictions", json={"input": QUICK}, timeout=60)
     refused_after = time.monotonic() - start
@@ -102,9 +114,9 @@ def test_cancel_ends_a_waiting_prediction_unrun_and_stops_a_running_one_at_the_n
     running, waiting = f"running-{uuid.uuid4().hex[:8]}", f"waiting-{uuid.uuid4().hex[:8]}"
     results: dict[str, requests.Response] = {}
     first = _put(hotswap_server, running, {**SLOW, "num_inference_steps": steps}, results)
-    time.sleep(1.5)  # well into its denoising steps
+    _wait_for_log(hotswap_server, running, rf"\| 2/{steps} ")  # into its denoising steps
     second = _put(hotswap_server, waiting, QUICK, results)
-    time.sleep(0.5)
+    _wait_for_log(hotswap_server, waiting, WAITING)
     assert requests.post(f"{hotswap_server.url}/predictions/{waiting}/cancel", timeout=10).status_code == 200
     second.join()
     assert results[waiting].json()["status"] == "canceled"
