@@ -23,8 +23,6 @@ from tqdm import tqdm
 if TYPE_CHECKING:
     from flux_lora.pipelines import Pipelines
 
-# replicate-javascript's parseProgressFromLogs reads the last line that matches this.
-PROGRESS_LINE = re.compile(r"^\s*(\d+)%\s*\|.+?\|\s*(\d+)\/(\d+)")
 _CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|[\x00-\x08\x0b-\x1f\x7f]")  # ANSI codes, other controls
 
 
@@ -50,7 +48,7 @@ class StepLog(io.TextIOBase):
         return len(text)
 
     def new_bar(self) -> None:
-        self._last = ""
+        self._last = ""  # a new bar's first line is never a repeat
 
     def stop_if_cancelled(self) -> None:
         if self.cancel is not None and self.cancel.is_set():
@@ -64,6 +62,7 @@ class StepBar(tqdm):
     """diffusers' denoising bar; after each step (outside tqdm's lock) a cancelled prediction stops."""
 
     def __init__(self, *args: Any, steps: StepLog, **kwargs: Any) -> None:
+        steps.stop_if_cancelled()  # cancelled while fetching LoRAs: stop before the first step
         self.steps = steps
         steps.new_bar()
         super().__init__(*args, file=steps, **kwargs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import json
 import re
 import struct
@@ -19,6 +20,7 @@ import yaml
 from conftest import ROOT, CogServer, data_uri
 from PIL import Image
 
+from flux_lora.progress import StepBar, StepLog
 from flux_lora.server import MAX_CONCURRENCY
 
 # Small and quick: 256x256, one step, no safety checker (about 0.1 s a prediction on the tiny store).
@@ -72,6 +74,18 @@ def _wait_for_log(server: CogServer, prediction_id: str, pattern: str, timeout: 
                 return
         time.sleep(0.1)
     raise AssertionError(f"{prediction_id} never logged {pattern!r}")
+
+
+def test_step_log_turns_tqdm_redraws_into_clean_lines() -> None:
+    out = io.StringIO()
+    with StepBar(total=3, steps=StepLog(out), ascii=False, mininterval=0, miniters=1) as bar:
+        for _ in range(3):
+            bar.update()
+    lines = out.getvalue().splitlines()
+    assert out.getvalue().endswith("\n") and "\r" not in out.getvalue() and "\x1b" not in out.getvalue()
+    steps = [parse_progress_from_logs(line) for line in lines]
+    assert steps[:4] == [(0, 3), (1, 3), (2, 3), (3, 3)] and set(steps[4:]) <= {(3, 3)}  # close() redraws 3/3
+    assert lines[2].startswith(" 67%|██████▋   | 2/3 [")
 
 
 def test_cog_yaml_and_serve_use_the_same_number_of_slots() -> None:
