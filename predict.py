@@ -5,13 +5,25 @@
 
 The inputs are written out literally (a shared `Inputs` class, literal choices and string
 constants) because `cog build` reads this file statically to write the OpenAPI schema.
+
+`run` is async so that cog can hold more than one request (cog.yaml `concurrency.max`): a request
+that arrives while another runs waits its turn instead of getting `409 At capacity`.
 """
 
-from typing import Optional
+import asyncio
+import contextvars
+import functools
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Optional
 
 from cog import BaseRunner, Input, Path
 
-from flux_lora.service import HOTSWAP, TRAINED, Service
+from flux_lora.progress import log_progress
+from flux_lora.service import HOTSWAP, TRAINED, Service, Variant
+
+log = logging.getLogger("flux_lora")
 
 LORA_DESCRIPTION = "Load LoRA weights. Supports Replicate models in the format <owner>/<username> or <owner>/<username>/<version>, HuggingFace URLs in the format huggingface.co/<owner>/<model-name>, CivitAI URLs in the format civitai.com/models/<id>[/<model-name>], or arbitrary .safetensors URLs from the Internet. For example, 'fofr/flux-pixar-cars'"  # noqa: E501
 LORA_SCALE_DESCRIPTION = "Determines how strongly the main LoRA should be applied. Sane results between 0 and 1 for base inference. For go_fast we apply a 1.5x multiplier to this value; we've generally seen good performance when scaling the base value by that amount. You may still need to experiment to find the best value for your particular lora."  # noqa: E501
@@ -98,13 +110,56 @@ class Inputs:
         return Input(description=GO_FAST_DESCRIPTION, default=default)
 
 
-class TrainedPredictor(BaseRunner):
+def _without_grad() -> None:
+    import torch
+
+    torch.set_grad_enabled(False)
+
+
+class OneAtATime(BaseRunner):
+    """cog may hand us several requests at once; the GPU runs them one after another, in order."""
+
+    def load(self, variant: Variant, weights: Optional[str]) -> None:
+        self.service = Service.start(variant, weights)
+        self.steps = log_progress(self.service.pipelines)
+        self.gpu = asyncio.Lock()  # FIFO: requests run in the order they arrived
+        # One thread for every run: torch's grad mode is per thread (setup turned it off in its own).
+        self.gpu_thread = ThreadPoolExecutor(1, thread_name_prefix="gpu", initializer=_without_grad)
+
+    async def in_turn(self, inputs: dict[str, Any]) -> list[Path]:
+        """Wait for the GPU (cancelling here ends the prediction unrun), then run in the GPU thread.
+
+        A cancel during the run stops it at its next denoising step (flux_lora.progress); the GPU
+        is released only once the run has stopped, so the next request never overlaps it.
+        """
+        if self.gpu.locked():
+            log.info("Waiting for the prediction ahead of this one to finish")
+        async with self.gpu:
+            cancel = threading.Event()
+            self.steps.cancel = cancel
+            run = functools.partial(self.service.predict, **inputs)
+            # copy_context: the run's log lines carry this prediction's id (cog routes them by it).
+            work = asyncio.get_running_loop().run_in_executor(self.gpu_thread, contextvars.copy_context().run, run)
+            try:
+                paths = await asyncio.shield(work)
+            except asyncio.CancelledError:
+                cancel.set()
+                await asyncio.wait({work})
+                if not work.cancelled():
+                    work.exception()  # its CancelationException is expected: mark it retrieved
+                raise
+            finally:
+                self.steps.cancel = None
+        return [Path(p) for p in paths]
+
+
+class TrainedPredictor(OneAtATime):
     """A deployment of one trained LoRA: COG_WEIGHTS names it; go_fast is on by default."""
 
     def setup(self, weights: Optional[str] = None) -> None:
-        self.service = Service.start(TRAINED, weights)
+        self.load(TRAINED, weights)
 
-    def run(
+    async def run(
         self,
         prompt: str = Inputs.prompt,
         image: Optional[Path] = Inputs.image,
@@ -129,16 +184,16 @@ class TrainedPredictor(BaseRunner):
     ) -> list[Path]:
         inputs = dict(locals())
         del inputs["self"]
-        return [Path(p) for p in self.service.predict(**inputs)]
+        return await self.in_turn(inputs)
 
 
-class HotswapPredictor(BaseRunner):
+class HotswapPredictor(OneAtATime):
     """One deployment for any LoRA: `replicate_weights` picks the main LoRA per request."""
 
     def setup(self, weights: Optional[str] = None) -> None:
-        self.service = Service.start(HOTSWAP, weights)
+        self.load(HOTSWAP, weights)
 
-    def run(
+    async def run(
         self,
         prompt: str = Inputs.prompt,
         image: Optional[Path] = Inputs.image,
@@ -164,4 +219,4 @@ class HotswapPredictor(BaseRunner):
     ) -> list[Path]:
         inputs = dict(locals())
         del inputs["self"]
-        return [Path(p) for p in self.service.predict(**inputs)]
+        return await self.in_turn(inputs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from pathlib import Path
@@ -67,7 +68,7 @@ def run_local(predictor: str, values: dict[str, Any], output_dir: Path) -> list[
         raise InvalidInput(str(exc)) from None
     runner = cls()
     runner.setup(weights=os.environ.get("COG_WEIGHTS") or None)
-    paths = [Path(p) for p in runner.run(**kwargs)]
+    paths = [Path(p) for p in asyncio.run(runner.run(**kwargs))]  # run is async: cog's concurrency (predict.py)
     output_dir.mkdir(parents=True, exist_ok=True)
     moved_dir = Path(shutil.move(str(paths[0].parent), output_dir)) if paths else output_dir
     return [moved_dir / p.name for p in paths]

@@ -179,16 +179,18 @@ MAX_INPUT_PIXELS = 100_000_000  # a 100 MP photo decodes to 300 MB; larger input
 
 def open_image(path: str, field: str, mode: str = "RGB") -> Image.Image:
     """Read a user's image (EXIF orientation applied) or say which input is not an image."""
+    limit = f"the largest accepted is {MAX_INPUT_PIXELS // 10**6} megapixels"
     try:
         with Image.open(path) as img:
             width, height = img.size  # read from the header: nothing is decoded yet
             if width * height > MAX_INPUT_PIXELS:
-                raise InputError(
-                    field, f"is {width}x{height} pixels; the largest accepted is {MAX_INPUT_PIXELS // 10**6} megapixels"
-                )
+                raise InputError(field, f"is {width}x{height} pixels; {limit}")
             img.load()
             return ImageOps.exif_transpose(img).convert(mode)
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
+    except Image.DecompressionBombError as exc:  # Pillow's own check fires first, above twice its MAX_IMAGE_PIXELS
+        bomb = 2 * (Image.MAX_IMAGE_PIXELS or 0) // 10**6
+        raise InputError(field, f"is over {bomb} megapixels; {limit}") from exc
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
         if isinstance(exc, InputError):
             raise
         raise InputError(field, "must be an image file (png, jpg, webp, ...); this one could not be read") from exc
