@@ -11,6 +11,7 @@ from typing import Optional
 
 from cog import BaseRunner, Input, Path
 
+from flux_lora.errors import UserError, for_cog
 from flux_lora.service import HOTSWAP, TRAINED, Service
 
 LORA_DESCRIPTION = "Load LoRA weights. Supports Replicate models in the format <owner>/<username> or <owner>/<username>/<version>, HuggingFace URLs in the format huggingface.co/<owner>/<model-name>, CivitAI URLs in the format civitai.com/models/<id>[/<model-name>], or arbitrary .safetensors URLs from the Internet. For example, 'fofr/flux-pixar-cars'"  # noqa: E501
@@ -98,6 +99,14 @@ class Inputs:
         return Input(description=GO_FAST_DESCRIPTION, default=default)
 
 
+def _predict(service: Service, inputs: dict) -> list[Path]:
+    """One prediction; a UserError reaches the cog server named for its field, not its class."""
+    try:
+        return [Path(p) for p in service.predict(**inputs)]
+    except UserError as exc:
+        raise for_cog(exc) from None
+
+
 class TrainedPredictor(BaseRunner):
     """A deployment of one trained LoRA: COG_WEIGHTS names it; go_fast is on by default."""
 
@@ -129,7 +138,7 @@ class TrainedPredictor(BaseRunner):
     ) -> list[Path]:
         inputs = dict(locals())
         del inputs["self"]
-        return [Path(p) for p in self.service.predict(**inputs)]
+        return _predict(self.service, inputs)
 
 
 class HotswapPredictor(BaseRunner):
@@ -164,4 +173,4 @@ class HotswapPredictor(BaseRunner):
     ) -> list[Path]:
         inputs = dict(locals())
         del inputs["self"]
-        return [Path(p) for p in self.service.predict(**inputs)]
+        return _predict(self.service, inputs)
