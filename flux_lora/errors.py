@@ -72,8 +72,15 @@ def _failure_type(field: str) -> type[Failure]:
 
 
 def shorten(text: str, limit: int = MAX_SHOWN) -> str:
-    """`text` with every unbroken run longer than `limit` cut to `limit` characters (ending in "...")."""
-    return re.sub(rf"\S{{{limit + 1},}}", lambda m: m[0][: limit - 3] + "...", text)
+    """`text` with every unbroken run longer than `limit` cut to `limit` characters: "..." where the
+    middle was, a closing quote or punctuation kept."""
+
+    def cut(match: re.Match[str]) -> str:
+        run = match[0]
+        tail = run[-1] if run[-1] in "'\")]:,;." else ""
+        return run[: limit - 3 - len(tail)] + "..." + tail
+
+    return re.sub(rf"\S{{{limit + 1},}}", cut, text)
 
 
 def for_cog(exc: UserError) -> Failure:
