@@ -44,6 +44,33 @@ class LocalFileRefused(WeightsError):
 
 # --------------------------------------------------------------------------- what the cog server shows
 
+# A network failure in words, by the name of its class or a base class (requests, urllib3, the stdlib):
+# users read the reason, never the class name.
+_REASONS = {
+    "SSLError": "TLS error",
+    "ProxyError": "proxy error",
+    "ConnectTimeout": "timed out connecting",
+    "ReadTimeout": "timed out reading",
+    "Timeout": "timed out",
+    "TimeoutError": "timed out",
+    "ChunkedEncodingError": "the connection broke off",
+    "ContentDecodingError": "undecodable response body",
+    "TooManyRedirects": "too many redirects",
+    "InvalidURL": "invalid URL",
+    "InvalidSchema": "invalid URL",
+    "MissingSchema": "invalid URL",
+    "ConnectionError": "could not connect",
+}
+
+
+def plain_reason(exc: BaseException) -> str:
+    """Why a request failed, in words ("could not connect"), for messages users read."""
+    for cls in type(exc).__mro__:
+        if cls.__name__ in _REASONS:
+            return _REASONS[cls.__name__]
+    return "network error"
+
+
 MAX_SHOWN = 200  # longest unbroken run (a reference, a URL) a failure message echoes
 _FIELD = re.compile(r"[a-z][a-z0-9_]*|COG_WEIGHTS")
 
