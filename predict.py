@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 from cog import BaseRunner, Input, Path
 
+from flux_lora.errors import UserError, for_cog
 from flux_lora.progress import log_progress
 from flux_lora.service import HOTSWAP, TRAINED, Service, Variant
 
@@ -142,6 +143,8 @@ class OneAtATime(BaseRunner):
             work = asyncio.get_running_loop().run_in_executor(self.gpu_thread, contextvars.copy_context().run, run)
             try:
                 paths = await asyncio.shield(work)
+            except UserError as exc:  # reaches the cog server named for its field, not its class
+                raise for_cog(exc) from None
             except asyncio.CancelledError:
                 cancel.set()
                 await asyncio.wait({work})

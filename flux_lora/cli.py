@@ -129,9 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except Exception as exc:  # a one-line reason, never a stack trace, for expected failures
-        from flux_lora.errors import UserError
+        from flux_lora.errors import Failure, UserError
 
         if isinstance(exc, UserError):
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {exc.message if isinstance(exc, Failure) else exc}", file=sys.stderr)
             return 1
         raise

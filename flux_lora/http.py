@@ -36,6 +36,7 @@ from flux_lora.errors import (
     WeightsNotFound,
     WeightsTooLarge,
     WeightsUnreachable,
+    plain_reason,
 )
 from flux_lora.refs import redact_url
 
@@ -164,7 +165,7 @@ class Downloader:
             except requests.Timeout:
                 raise _Transient(WeightsUnreachable(f"{target.what}: timed out")) from None
             except requests.RequestException as exc:
-                reason = type(exc).__name__
+                reason = plain_reason(exc)
                 raise _Transient(WeightsUnreachable(f"{target.what}: connection failed ({reason})")) from None
             if follow and response.is_redirect and "Location" in response.headers:
                 url = urljoin(url, response.headers["Location"])
@@ -288,7 +289,7 @@ class Downloader:
                 if limit is not None and written >= limit:
                     break
         except requests.RequestException as exc:
-            reason = type(exc).__name__
+            reason = plain_reason(exc)
             raise _Transient(WeightsError(f"{target.what}: the download broke off ({reason})")) from None
         finally:
             response.close()

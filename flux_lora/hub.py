@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from flux_lora.errors import plain_reason
+
 # The HTTP client huggingface_hub 2.x runs on (and the names it had before): its errors are connection failures.
 _CLIENT_MODULES = {"httpx", "httpx2", "httpcore", "httpcore2"}
 _TOKEN_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
@@ -51,7 +53,7 @@ def hub_failure(exc: BaseException) -> HubFailure | None:
 
     response = getattr(exc, "response", None)
     status = getattr(response, "status_code", None) if response is not None else None
-    detail = f"{type(exc).__name__}: {scrub(str(exc))}"
+    detail = scrub(str(exc)).strip() or plain_reason(exc)  # no class names in what users read
     if isinstance(exc, LocalEntryNotFoundError | OfflineModeIsEnabled | TimeoutError | ConnectionError):
         kind = "unreachable"  # checked before EntryNotFoundError, which LocalEntryNotFoundError subclasses
     elif type(exc).__module__.split(".")[0] in _CLIENT_MODULES:

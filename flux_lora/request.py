@@ -33,7 +33,8 @@ OUTPUT_FORMATS = ("webp", "jpg", "png")
 MIN_SIDE, MAX_SIDE = 256, 1440
 MAX_INPUT_SIDE = 1440  # img2img/inpaint inputs are scaled down to fit this square
 MULTIPLE = 16  # FLUX packs 2x2 latent patches of an 8x downsampling VAE
-MAX_SEED = 2**31 - 1
+MAX_SEED = 2**31 - 1  # random seeds are drawn up to this
+MAX_USER_SEED = 2**63 - 1  # torch.Generator.manual_seed takes no larger one
 
 
 class InputError(UserError, ValueError):
@@ -93,8 +94,9 @@ def fit_input_size(width: int, height: int, limit: int = MAX_INPUT_SIDE) -> tupl
 
 
 def resolve_seed(seed: int | None, rng: random.Random | None = None) -> int:
-    """The seed to use: the user's, or a fresh 31-bit one (the reference drew only 65,536)."""
-    if seed is not None:
+    """The seed to use: the user's, or a fresh 31-bit one when unset or negative (clients send -1 for
+    "random", as Replicate accepts; the reference drew only 65,536)."""
+    if seed is not None and seed >= 0:
         return seed
     return (rng or random.SystemRandom()).randint(0, MAX_SEED)
 
@@ -179,9 +181,8 @@ def build_request(
     extra_lora: str | None = None,
     extra_lora_scale: float = 1.0,
 ) -> Request:
-    """Apply Replicate's rules to raw inputs (already type-checked by cog's schema)."""
-    if not prompt or not prompt.strip():
-        raise InputError("prompt", "must not be empty")
+    """Apply Replicate's rules to raw inputs (already type-checked by cog's schema). An empty or
+    blank prompt runs, as on Replicate (common for img2img and inpainting)."""
     _choice("model", model, MODELS)
     _choice("output_format", output_format, OUTPUT_FORMATS)
     _bounded("num_outputs", num_outputs, 1, 4)
@@ -191,8 +192,8 @@ def build_request(
     _bounded("output_quality", output_quality, 0, 100)
     _bounded("lora_scale", lora_scale, -1, 3)
     _bounded("extra_lora_scale", extra_lora_scale, -1, 3)
-    if seed is not None and (seed != int(seed) or not 0 <= seed <= 2**63 - 1):
-        raise InputError("seed", f"must be an integer from 0 to {2**63 - 1}, got {seed:.0f}")
+    if seed is not None and (seed != int(seed) or seed > MAX_USER_SEED):
+        raise InputError("seed", f"must be an integer up to {MAX_USER_SEED} (negative: random), got {seed:.0f}")
 
     if mask and not image:
         raise InputError("mask", "needs an input image: set image as well, or leave mask empty")

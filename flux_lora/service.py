@@ -147,7 +147,7 @@ class Service:
         return build_request(main_lora=main, **inputs)
 
     def predict(self, **inputs: Any) -> list[Path]:
-        from flux_lora.outputs import save_images
+        from flux_lora.outputs import label_batch, save_images
         from flux_lora.pipelines import generate, prepare_inputs
         from flux_lora.safety import safe_images
 
@@ -162,6 +162,8 @@ class Service:
         if request.go_fast and self.pipelines.fast is not None:
             log.info("go_fast: %s", self.pipelines.fast.fp8)
         images = generate(self.pipelines, request, cond)
+        if self.settings.output_metadata:  # before the safety checker: each image keeps its batch index
+            label_batch(images, request, cond.width, cond.height)
         images = safe_images(images, self.safety, disabled=request.disable_safety_checker)
         paths = save_images(images, request.output_format, request.output_quality)
         log.info(

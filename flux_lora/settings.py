@@ -12,6 +12,11 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+def _flag_on_by_default(name: str) -> bool:
+    """On unless set to 0/false/no/off."""
+    return os.environ.get(name, "").strip().lower() not in {"0", "false", "no", "off"}
+
+
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
           "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
 
@@ -47,6 +52,7 @@ class Settings:
     lora_hotswap_rank: int | None = None  # FLUX_LORA_HOTSWAP_RANK: pad adapters to this rank (compiled)
     local_lora_dirs: tuple[Path, ...] = ()  # FLUX_LORA_LOCAL_LORA_DIRS: folders request fields may name files in
     ref_recheck_seconds: float = 60.0  # FLUX_LORA_REF_RECHECK_SECONDS: re-pin unversioned refs this often
+    output_metadata: bool = True  # FLUX_LORA_OUTPUT_METADATA: 0 writes no generation parameters into images
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -67,6 +73,7 @@ class Settings:
             lora_memory_bytes=_size("FLUX_LORA_MEMORY_CACHE_BYTES", "2GiB"),
             lora_hotswap_rank=int(os.environ.get("FLUX_LORA_HOTSWAP_RANK") or 0) or None,
             ref_recheck_seconds=float(os.environ.get("FLUX_LORA_REF_RECHECK_SECONDS") or 60),
+            output_metadata=_flag_on_by_default("FLUX_LORA_OUTPUT_METADATA"),
             local_lora_dirs=tuple(
                 Path(d) for d in os.environ.get("FLUX_LORA_LOCAL_LORA_DIRS", "").split(os.pathsep) if d.strip()
             ),

@@ -70,7 +70,7 @@ def test_image_file_input_with_at_syntax(store_env: Path, tmp_path: Path) -> Non
         (["num_outputs=1"], "prompt: Field required"),
         (["prompt=x", "aspect_ratio=custom", "height=512"], "width: is required when aspect_ratio is 'custom'"),
         (["prompt=x", "image=@/no/such/file.png"], "image: file not found"),
-        (["prompt=x", "seed=-1"], "seed: must be an integer from 0 to"),
+        (["prompt=x", f"seed={2**63}"], "seed: must be an integer up to"),
         (["prompt=x", "replicate_weights=/etc/passwd"], "replicate_weights: local file paths are not accepted"),
         (["prompt=x", "extra_lora=file:///etc/hosts"], "extra_lora: local file paths are not accepted"),
     ],

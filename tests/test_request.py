@@ -9,6 +9,7 @@ import pytest
 
 from flux_lora.request import (
     ASPECT_RATIOS,
+    MAX_SEED,
     InputError,
     Mode,
     build_request,
@@ -79,6 +80,20 @@ def test_seeds_are_31_bit_and_kept_when_given() -> None:
     assert max(seeds) > 2**16  # not the reference's 65,536 seeds
 
 
+@pytest.mark.parametrize("seed", [-1, -2, -(2**40)])
+def test_a_negative_seed_means_random(seed: int) -> None:
+    rng = random.Random(0)
+    drawn = {resolve_seed(seed, rng) for _ in range(50)}
+    assert len(drawn) == 50 and all(0 <= s <= MAX_SEED for s in drawn)
+    assert 0 <= build_request(prompt="x", seed=seed).seed <= MAX_SEED
+    assert build_request(prompt="x", seed=0).seed == 0
+
+
+@pytest.mark.parametrize("prompt", ["", "   ", "\n\t"])
+def test_empty_and_blank_prompts_run_as_given(prompt: str) -> None:
+    assert build_request(prompt=prompt).prompt == prompt
+
+
 def test_modes_and_sizes_from_inputs() -> None:
     txt = build_request(prompt="x", aspect_ratio="16:9", megapixels="0.25")
     assert (txt.mode, txt.width, txt.height) == (Mode.TXT2IMG, 672, 384)
@@ -102,7 +117,7 @@ def test_model_rules() -> None:
         ({"model": "pro"}, "model: must be one of dev, schnell"),
         ({"num_outputs": 5}, "num_outputs: must be between 1 and 4"),
         ({"aspect_ratio": "7:3"}, "aspect_ratio: must be one of 1:1"),
-        ({"prompt": "  "}, "prompt: must not be empty"),
+        ({"seed": 2**63}, "seed: must be an integer up to 9223372036854775807"),
     ],
 )
 def test_bad_inputs_name_the_field(kwargs: dict, message: str) -> None:
