@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from flux_lora.request import Request
 
 _PIL_FORMAT = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
+PREFIX = "prediction-"
 PARAMETERS = "parameters"  # the PNG text key and the `Image.info` key the A1111/Forge web UIs use
 _USER_COMMENT_UNICODE = b"UNICODE\x00"  # EXIF UserComment's character-code prefix (UTF-16, file byte order)
 _XML_INVALID = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")  # control characters XML 1.0 cannot hold
@@ -116,7 +118,7 @@ def save_images(images: list[Image.Image], output_format: str, quality: int, par
     attached by `label_batch` go into each file."""
     if parent is not None:
         parent.mkdir(parents=True, exist_ok=True)
-    out_dir = Path(tempfile.mkdtemp(prefix="prediction-", dir=parent))
+    out_dir = Path(tempfile.mkdtemp(prefix=PREFIX, dir=parent))
     paths = []
     for i, image in enumerate(images):
         path = out_dir / f"out-{i}.{output_format}"
@@ -129,3 +131,17 @@ def save_images(images: list[Image.Image], output_format: str, quality: int, par
         image.convert("RGB").save(path, format=_PIL_FORMAT[output_format], **options)
         paths.append(path)
     return paths
+
+
+def prune_outputs(parent: Path, keep: int) -> int:
+    """Remove all but the newest `keep` prediction directories under `parent`; returns how many went.
+
+    cog reads a prediction's files after `run` returns (to upload them or inline them as data URIs)
+    and never deletes them, so a long-running server would fill its disk; the newest few stay, which
+    covers every prediction cog may still be reading.
+    """
+    dirs = sorted((p for p in parent.glob(PREFIX + "*") if p.is_dir()), key=lambda p: p.stat().st_mtime_ns)
+    old = dirs[: max(0, len(dirs) - keep)]
+    for path in old:
+        shutil.rmtree(path, ignore_errors=True)
+    return len(old)

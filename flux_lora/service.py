@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,6 +28,9 @@ class Variant:
     name: str
     main_lora_per_request: bool  # hot-swap: `replicate_weights`; trained: COG_WEIGHTS at setup
 
+
+# Prediction directories kept on disk: cog may still be reading the newest ones after `run` returned.
+KEEP_OUTPUTS = 8
 
 HOTSWAP = Variant("hotswap", main_lora_per_request=True)
 TRAINED = Variant("trained", main_lora_per_request=False)
@@ -94,6 +98,7 @@ class Service:
         self.variant = variant
         self.settings = settings
         self.baked_lora = baked_lora
+        self.outputs_dir = Path(tempfile.mkdtemp(prefix="flux-lora-outputs-"))
         device, dtype = pick_device(settings.device)
         torch.set_grad_enabled(False)
         with stages("store check"):
@@ -147,7 +152,7 @@ class Service:
         return build_request(main_lora=main, **inputs)
 
     def predict(self, **inputs: Any) -> list[Path]:
-        from flux_lora.outputs import label_batch, save_images
+        from flux_lora.outputs import label_batch, prune_outputs, save_images
         from flux_lora.pipelines import generate, prepare_inputs
         from flux_lora.safety import safe_images
 
@@ -165,7 +170,8 @@ class Service:
         if self.settings.output_metadata:  # before the safety checker: each image keeps its batch index
             label_batch(images, request, cond.width, cond.height)
         images = safe_images(images, self.safety, disabled=request.disable_safety_checker)
-        paths = save_images(images, request.output_format, request.output_quality)
+        paths = save_images(images, request.output_format, request.output_quality, parent=self.outputs_dir)
+        prune_outputs(self.outputs_dir, keep=KEEP_OUTPUTS)
         log.info(
             "Generated %d image(s) at %dx%d (%s, %s) in %.2fs",
             len(paths), cond.width, cond.height, request.model, request.mode.value, time.perf_counter() - start,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 from PIL import ExifTags, Image
 
 from flux_lora.errors import MAX_SHOWN, Failure, UserError, for_cog, shorten
-from flux_lora.outputs import JPEG_TEXT_LIMIT, label_batch, parameters_text, save_images
+from flux_lora.outputs import JPEG_TEXT_LIMIT, label_batch, parameters_text, prune_outputs, save_images
 from flux_lora.request import InputError, build_request
 from flux_lora.settings import Settings
 
@@ -115,3 +116,17 @@ def test_long_references_are_shortened() -> None:
     assert max(len(word) for word in shown.split()) == MAX_SHOWN
     assert shorten("short words stay") == "short words stay"
     assert all(len(word) <= MAX_SHOWN for word in shorten("x" * 1000 + " " + "y" * 201).split())
+
+
+def test_only_the_newest_prediction_directories_stay(tmp_path: Path) -> None:
+    image = Image.new("RGB", (16, 16), (10, 20, 30))
+    made = []
+    for i in range(5):
+        paths = save_images([image, image], "png", 80, parent=tmp_path)
+        os.utime(paths[0].parent, ns=(i * 10**9, i * 10**9))  # creation order, whatever the clock's resolution
+        made.append(paths[0].parent)
+    (tmp_path / "not-ours").mkdir()
+    assert prune_outputs(tmp_path, keep=2) == 3
+    assert sorted(p for p in tmp_path.iterdir()) == sorted([*made[3:], tmp_path / "not-ours"])
+    assert all(len(list(d.iterdir())) == 2 for d in made[3:])
+    assert prune_outputs(tmp_path, keep=2) == 0
