@@ -78,11 +78,12 @@ _FIELD = re.compile(r"[a-z][a-z0-9_]*|COG_WEIGHTS")
 class Failure(UserError):
     """A UserError as the cog server shows it: `str()` is the message, the type's name is the field.
 
-    coglet (cog 0.23.1, unchanged at cog HEAD: crates/coglet-python/src/predictor.rs and
-    crates/coglet/src/predictor.rs) turns an exception escaping run() into the text
-    `Prediction failed: Prediction failed: {type(exc).__qualname__}: {exc}`. The doubled prefix is
-    coglet's own and cannot be changed from here; the type name is the one part we choose, so it
-    names the field the user must fix instead of a Python class.
+    coglet (cog 0.23.1, unchanged at cog HEAD: crates/coglet-python/src/worker_bridge.rs and
+    crates/coglet/src/predictor.rs) turns an exception escaping our async run() into the text
+    `Prediction failed: Async prediction failed: {type(exc).__qualname__}: {exc}` (a sync run()
+    would read `Prediction failed: Prediction failed: ...`). The prefix is coglet's own and cannot
+    be changed from here; the type name is the one part we choose, so it names the field the user
+    must fix instead of a Python class.
     """
 
     field = "error"
