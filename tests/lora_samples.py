@@ -137,7 +137,9 @@ def as_xlabs(lora: Lora) -> dict[str, torch.Tensor]:
 
 
 def clip_lora(text_encoder: nn.Module, seed: int, rank: int = 4, kohya: bool = False) -> dict[str, torch.Tensor]:
-    """A CLIP text-encoder LoRA on every attention projection: `text_encoder.` (peft) or `lora_te1_` (kohya)."""
+    """A CLIP text-encoder LoRA on every attention projection: `text_encoder.` (peft) or `lora_te1_` (kohya),
+    named as the loaded CLIP names its modules: what a trainer on the same transformers writes. Files from
+    older trainers spell CLIP differently: `clip_as` below writes those."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for name, module in text_encoder.named_modules():
