@@ -36,7 +36,10 @@ from flux_lora.request import LoraSpec
 
 log = logging.getLogger(__name__)
 
-GO_FAST_SCALE = 1.5  # the schema's documented multiplier for go_fast
+# The schema's "for go_fast we apply a 1.5x multiplier" makes up for the reference merging the LoRA into fp8
+# weights, which weakens it. Here adapters stay unmerged in the compute dtype on top of the fp8 linears, so
+# a LoRA is as strong with go_fast as without: the same scale gives the same strength, a multiplier of 1.
+GO_FAST_SCALE = 1.0
 SLOTS = ("main", "extra")
 
 
@@ -52,7 +55,7 @@ def shown(ref: str) -> str:
 
 
 def effective_scale(scale: float, go_fast: bool) -> float:
-    """The strength the adapter runs at: the user's scale, times 1.5 under go_fast (as documented)."""
+    """The strength the adapter runs at: the user's scale, under go_fast too (see GO_FAST_SCALE)."""
     return scale * GO_FAST_SCALE if go_fast else scale
 
 
@@ -60,6 +63,9 @@ def effective_scale(scale: float, go_fast: bool) -> float:
 
 # Suffix -> role. Longest first: ".lora.down.weight" must win over ".down.weight".
 _SUFFIXES: tuple[tuple[str, str], ...] = (
+    # diffusers' convert_state_dict_to_diffusers (SimpleTuner's text encoders): CLIP attention projections
+    (".lora_linear_layer.down.weight", "down"),
+    (".lora_linear_layer.up.weight", "up"),
     (".lora.down.weight", "down"),
     (".lora.up.weight", "up"),
     (".lora_A.default.weight", "down"),
@@ -99,8 +105,13 @@ _TRANSFORMER_PREFIXES = (
     "lora_transformer_",
     "unet.",
 )
-_CLIP_PREFIXES = ("lora_te1_", "lora_te_", "text_encoder.", "te1.")
-_T5_PREFIXES = ("lora_te2_", "text_encoder_2.", "te2.")
+# CLIP as trainers write it: kohya/sd-scripts `lora_te1_`, SD-1.5-style `lora_te_` (ComfyUI reads it as
+# clip_l), diffusers/SimpleTuner `text_encoder.`, ComfyUI's own saves `text_encoders.clip_l.transformer.`.
+_CLIP_PREFIXES = ("lora_te1_", "lora_te_", "text_encoders.clip_l.transformer.", "text_encoder.", "te1.")
+# T5: sd-scripts FLUX `lora_te3_` (`lora_te2_` in its first FLUX versions), diffusers, ComfyUI.
+_T5_PREFIXES = ("lora_te2_", "lora_te3_", "text_encoder_2.", "text_encoders.t5xxl.transformer.", "te2.")
+# transformers < 5 named CLIPTextModel's modules `text_model.encoder...`, as files still spell them; 5 dropped it.
+_CLIP_TEXT_MODEL = "text_model."
 
 
 def _flat(name: str) -> str:
@@ -233,7 +244,11 @@ class ModelNames:
         t_table = {_flat(name): [_Part(name)] for name in t_lin}
         t_table.update({_flat(name): parts for name, parts in _bfl_table(t_lin).items()})
         c_lin = _linears(text_encoder) if text_encoder is not None else {}
-        return cls(t_table, t_lin, {_flat(name): [_Part(name)] for name in c_lin}, c_lin)
+        c_table = {}
+        for name in c_lin:  # each CLIP module under both spellings, whichever the loaded transformers uses
+            bare = name.removeprefix(_CLIP_TEXT_MODEL)
+            c_table[_flat(bare)] = c_table[_flat(_CLIP_TEXT_MODEL + bare)] = [_Part(name)]
+        return cls(t_table, t_lin, c_table, c_lin)
 
 
 # --------------------------------------------------------------------------- conversion
@@ -265,7 +280,7 @@ def detect_format(keys: Iterable[str]) -> str:
         return "mixture (lora_transformer_)"
     if any(k.startswith(("lora_unet_", "lora_te")) for k in keys):
         return "kohya"
-    if any(k.startswith(("diffusion_model.", "model.diffusion_model.")) for k in keys):
+    if any(k.startswith(("diffusion_model.", "model.diffusion_model.", "text_encoders.")) for k in keys):
         return "comfyui (diffusion_model.)"
     return "peft/diffusers"
 

@@ -137,7 +137,9 @@ def as_xlabs(lora: Lora) -> dict[str, torch.Tensor]:
 
 
 def clip_lora(text_encoder: nn.Module, seed: int, rank: int = 4, kohya: bool = False) -> dict[str, torch.Tensor]:
-    """A CLIP text-encoder LoRA on every attention projection: `text_encoder.` (peft) or `lora_te1_` (kohya)."""
+    """A CLIP text-encoder LoRA on every attention projection: `text_encoder.` (peft) or `lora_te1_` (kohya),
+    named as the loaded CLIP names its modules: what a trainer on the same transformers writes. Files from
+    older trainers spell CLIP differently: `clip_as` below writes those."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for name, module in text_encoder.named_modules():
@@ -153,6 +155,71 @@ def clip_lora(text_encoder: nn.Module, seed: int, rank: int = 4, kohya: bool = F
         else:
             out |= {f"text_encoder.{name}.lora_A.weight": down, f"text_encoder.{name}.lora_B.weight": up}
     return out
+
+
+# CLIP text-encoder LoRAs as trainers write them. Keys are literal strings in each trainer's spelling (the
+# `text_model.` of transformers < 5 included), never derived from the installed transformers' module names:
+# that is what lets these fixtures see a renaming there. Modules are named relative to the CLIP encoder,
+# `layers.{i}.self_attn.q_proj`, and shapes come from the config alone.
+ClipLora = dict[str, tuple[torch.Tensor, torch.Tensor]]  # "layers.{i}.<module>" -> (down [r, in], up [out, r])
+CLIP_ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
+
+
+def random_clip_lora(config: object, seed: int, rank: int = 4, mlp: bool = True) -> ClipLora:
+    """A random LoRA on CLIP's attention projections (and MLPs), sized from a CLIPTextConfig."""
+    hidden, inner = config.hidden_size, config.intermediate_size
+    shapes = {name: (hidden, hidden) for name in CLIP_ATTENTION}
+    if mlp:
+        shapes |= {"mlp.fc1": (hidden, inner), "mlp.fc2": (inner, hidden)}
+    gen = torch.Generator().manual_seed(seed)
+    out: ClipLora = {}
+    for i in range(config.num_hidden_layers):
+        for name, (fan_in, fan_out) in shapes.items():
+            down = torch.randn(rank, fan_in, generator=gen) / fan_in**0.5
+            out[f"layers.{i}.{name}"] = (down, torch.randn(fan_out, rank, generator=gen) * 2.0)
+    return out
+
+
+def clip_as(lora: ClipLora, spelling: str) -> dict[str, torch.Tensor]:
+    """One CLIP LoRA in the key spelling of a trainer:
+
+    - "kohya": sd-scripts (`networks/lora_flux.py`, LORA_PREFIX_TEXT_ENCODER_CLIP = "lora_te1"), down/up, alpha;
+    - "diffusers": diffusers' FLUX DreamBooth script (`get_peft_model_state_dict` + `save_lora_weights`);
+    - "simpletuner": the same through `convert_state_dict_to_diffusers`, which renames the attention
+      projections' lora_A/lora_B to `lora_linear_layer.down/up` (MLPs keep lora_A/lora_B);
+    - "comfyui": ComfyUI's LoraSave node, `text_encoders.` + its CLIP state-dict name, lora_down/lora_up.
+    """
+    out = {}
+    for module, (down, up) in lora.items():
+        dotted, flat = f"text_model.encoder.{module}", f"text_model_encoder_{_flat(module)}"
+        if spelling == "kohya":
+            key = f"lora_te1_{flat}"
+            rank = down.shape[0]
+            out |= {f"{key}.lora_down.weight": down.clone(), f"{key}.lora_up.weight": up / 0.5,
+                    f"{key}.alpha": torch.tensor(rank * 0.5)}
+        elif spelling == "diffusers":
+            out |= {f"text_encoder.{dotted}.lora_A.weight": down.clone(),
+                    f"text_encoder.{dotted}.lora_B.weight": up.clone()}
+        elif spelling == "simpletuner":
+            a, b = ("lora_linear_layer.down", "lora_linear_layer.up") if "self_attn" in module else ("lora_A", "lora_B")
+            out |= {f"text_encoder.{dotted}.{a}.weight": down.clone(), f"text_encoder.{dotted}.{b}.weight": up.clone()}
+        elif spelling == "comfyui":
+            key = f"text_encoders.clip_l.transformer.{dotted}"
+            out |= {f"{key}.lora_down.weight": down.clone(), f"{key}.lora_up.weight": up.clone()}
+        else:
+            raise ValueError(f"unknown CLIP LoRA spelling {spelling!r}")
+    return out
+
+
+CLIP_SPELLINGS = ("kohya", "diffusers", "simpletuner", "comfyui")
+
+
+def t5_kohya(seed: int, d_model: int = 32, rank: int = 4) -> dict[str, torch.Tensor]:
+    """sd-scripts' FLUX T5 part (`lora_te3_`), which the server skips."""
+    gen = torch.Generator().manual_seed(seed)
+    key = "lora_te3_encoder_block_0_layer_0_SelfAttention_q"
+    return {f"{key}.lora_down.weight": torch.randn(rank, d_model, generator=gen),
+            f"{key}.lora_up.weight": torch.randn(d_model, rank, generator=gen), f"{key}.alpha": torch.tensor(4.0)}
 
 
 def sdxl_lora() -> dict[str, torch.Tensor]:
