@@ -10,10 +10,13 @@ count, never caption tag frequencies (`ss_tag_frequency`), which name every tag 
 from __future__ import annotations
 
 import json
+import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import yaml
+
+log = logging.getLogger(__name__)
 
 # The ModelSpec standard's key (sd-scripts' sai_model_spec, SimpleTuner), then the plain spellings
 # other trainers and converters write (ai-toolkit-style configs, CivitAI exports).
@@ -97,3 +100,34 @@ def with_triggers(prompt: str, words: Iterable[str]) -> str:
     if not absent:
         return prompt
     return ", ".join([*absent, prompt.strip()]) if prompt.strip() else ", ".join(absent)
+
+
+def check_prompt(prompt: str, loras: Sequence[tuple[str, str, Sequence[str]]], auto: bool) -> str:
+    """Log each LoRA's trigger words and warn about those `prompt` lacks; the prompt to run.
+
+    `loras` holds (input field, reference as shown, trigger words) for main then extra. The prompt is
+    never changed unless `auto` (FLUX_LORA_AUTO_TRIGGER=1), which prepends each LoRA's missing words,
+    main and extra separately, and logs it.
+    """
+    prefix: list[str] = []
+    for field, shown, words in loras:
+        if not words:
+            continue
+        log.info("%s %s: trigger word%s %s", field, shown, "s" if len(words) > 1 else "", _listed(words))
+        absent = [w for w in missing(prompt, words) if w not in prefix]
+        if not absent:
+            continue
+        if auto:
+            prefix += absent
+            log.info("Prepended %s (%s) to the prompt (FLUX_LORA_AUTO_TRIGGER=1)", _listed(absent), field)
+        else:
+            log.warning(
+                "The prompt does not contain %s, the trigger word%s of %s: the LoRA may have little effect. "
+                "Add it to the prompt (or set FLUX_LORA_AUTO_TRIGGER=1 on the server).",
+                _listed(absent), "s" if len(absent) > 1 else "", field,
+            )
+    return with_triggers(prompt, prefix) if prefix else prompt
+
+
+def _listed(words: Sequence[str]) -> str:
+    return ", ".join(repr(w) for w in words)

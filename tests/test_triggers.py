@@ -123,3 +123,15 @@ def test_the_recheck_window_survives_a_restart(server: FakeServer, env: Path) ->
     # past the window: one check again, shared the same way
     assert _cache(env / "cache", recheck=0).fetch("acme/busy") == first
     assert server.count("GET", "/acme/busy/_weights") == 2
+
+
+def test_check_prompt_warns_and_prepends_only_when_asked(caplog: pytest.LogCaptureFixture) -> None:
+    loras = [("replicate_weights", "acme/ziki", ["ZIKI"]), ("extra_lora", "https://x/y.safetensors", ["sty"])]
+    with caplog.at_level("INFO", logger="flux_lora.triggers"):
+        assert triggers.check_prompt("a ziki cat", loras, auto=False) == "a ziki cat"
+    assert "trigger word 'ZIKI'" in caplog.text and "does not contain 'sty'" in caplog.text
+    assert "does not contain 'ZIKI'" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="flux_lora.triggers"):
+        assert triggers.check_prompt("a cat", loras, auto=True) == "ZIKI, sty, a cat"
+    assert "Prepended 'ZIKI'" in caplog.text and "Prepended 'sty'" in caplog.text
