@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fakes import FakeServer, tar_of
+from PIL import Image
 from safetensors.numpy import save
 from test_cache import peft_lora
 
@@ -135,3 +136,29 @@ def test_check_prompt_warns_and_prepends_only_when_asked(caplog: pytest.LogCaptu
     with caplog.at_level("INFO", logger="flux_lora.triggers"):
         assert triggers.check_prompt("a cat", loras, auto=True) == "ZIKI, sty, a cat"
     assert "Prepended 'ZIKI'" in caplog.text and "Prepended 'sty'" in caplog.text
+
+
+@pytest.mark.parametrize("auto", [False, True])
+def test_flux_lora_predict_warns_or_prepends(store_env: Path, server: FakeServer, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+                                               auto: bool) -> None:
+    from flux_lora.cli import main
+
+    monkeypatch.setenv("FLUX_LORA_REPLICATE_URL", server.url)
+    monkeypatch.setenv("FLUX_LORA_ALLOW_PRIVATE_URLS", "1")
+    if auto:
+        monkeypatch.setenv("FLUX_LORA_AUTO_TRIGGER", "1")
+    server.add_replicate_model("acme", "ziki", tar_of({"lora.safetensors": peft_lora(1),
+                                                       "config.yaml": AI_TOOLKIT_CONFIG.encode()}), version="v1")
+    out = tmp_path / "out"
+    args = ["predict", "-o", str(out), "-i", "prompt=a cat", "-i", "replicate_weights=acme/ziki/v1",
+            "-i", "num_inference_steps=2", "-i", "megapixels=0.25", "-i", "output_format=png"]
+    with caplog.at_level("INFO"):
+        assert main(args) == 0
+    (image,) = out.glob("prediction-*/out-0.png")
+    parameters = Image.open(image).info["parameters"]
+    assert "replicate_weights acme/ziki/v1: trigger word 'ZIKI'" in caplog.text
+    if auto:
+        assert parameters.startswith("ZIKI, a cat\n") and "Prepended 'ZIKI'" in caplog.text
+    else:
+        assert parameters.startswith("a cat\n") and "does not contain 'ZIKI'" in caplog.text
