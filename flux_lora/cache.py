@@ -31,6 +31,7 @@ from urllib.parse import unquote_to_bytes, urlsplit
 
 from filelock import FileLock, Timeout
 
+from flux_lora import triggers
 from flux_lora.errors import (
     LocalFileRefused,
     NotALoraError,
@@ -95,7 +96,7 @@ class WeightCache:
         # Unversioned references are re-pinned (one small request) at most this often: a server that
         # gets the same `owner/model` on every prediction does not pay a round trip each time.
         self.recheck_seconds = recheck_seconds
-        self._pins: dict[str, tuple[float, Source]] = {}
+        self._checked: dict[str, float] = {}  # cache key -> when its reference was last re-pinned (to index)
         self.policy = policy
         self.max_bytes = max_bytes
         self.min_free_bytes = min_free_bytes
@@ -134,6 +135,9 @@ class WeightCache:
                 raise WeightsNotFound(f"local LoRA file {source.path!r} does not exist")
             verify_lora_file(path, f"local file {source.path!r}")
             return path
+        recent = self._recently_pinned(source.cache_key)
+        if recent is not None:
+            return recent
         try:
             pinned = self._pin(source)
         except WeightsUnreachable as exc:
@@ -159,23 +163,33 @@ class WeightCache:
             staged = self.root / "tmp" / f"{digest}.{os.getpid()}.{uuid.uuid4().hex}"
             try:
                 self._make_room(0)
-                self._produce(source, staged)
+                words = self._produce(source, staged)
                 os.replace(staged / "lora.safetensors", final)
             finally:
                 shutil.rmtree(staged, ignore_errors=True)
-            self._add(key, _shown_ref(ref, source), final, alias)
+            self._add(key, _shown_ref(ref, source), final, alias, words)
             return final
 
     def _pin(self, source: Source) -> Source:
         """An unversioned reference pinned to what it names right now (one small request), so that a newly
         pushed version is a new cache key, while an unchanged one is a hit without downloading."""
-        recent = self._pins.get(source.cache_key)
-        if recent is not None and time.monotonic() - recent[0] < self.recheck_seconds:
-            return recent[1]
         pinned = self._resolve_pin(source)
-        if pinned != source:
-            self._pins[source.cache_key] = (time.monotonic(), pinned)
+        if pinned != source:  # the check's time goes in the index once the file is there (`_add`, `_touch`)
+            self._checked[_key_of(pinned)] = time.time()
         return pinned
+
+    def _recently_pinned(self, alias: str) -> Path | None:
+        """The file an unversioned reference was pinned to by a check less than `recheck_seconds` ago, by any
+        process or replica sharing this cache (the time of the check is kept in the index), or None."""
+        if self.recheck_seconds <= 0:
+            return None
+        with self._index_lock:
+            index = self._read_index()
+        now = time.time()
+        fresh = [
+            k for k, v in index.items() if v.get("alias") == alias and now - v.get("checked", 0) < self.recheck_seconds
+        ]
+        return self._touch(max(fresh, key=lambda k: index[k]["checked"])) if fresh else None
 
     def _resolve_pin(self, source: Source) -> Source:
         if isinstance(source, ReplicateRef) and source.version is None:
@@ -212,6 +226,19 @@ class WeightCache:
             f"local file paths{where} are not accepted here; give a URL, a Replicate, Hugging Face or CivitAI "
             "reference, or a data: URI"
         )
+
+    def trigger_words(self, path: Path) -> list[str]:
+        """The trigger words of a LoRA `fetch` returned: kept in the index at download time for cached files
+        (entries cached before this was kept have none), read from the header for a local file."""
+        path = Path(path)
+        if path.parent == self.root / "files":
+            with self._index_lock:
+                index = self._read_index()
+            return next((list(v.get("trigger_words", [])) for v in index.values() if v["file"] == path.name), [])
+        try:
+            return triggers.from_metadata(verify_lora_file(path, str(path)).metadata)
+        except WeightsError:
+            return []
 
     def entries(self) -> list[CacheEntry]:
         """The cached files, most recently used first."""
@@ -283,19 +310,25 @@ class WeightCache:
                 self._write_index(index)
                 return None
             value["last_used"] = time.time()
+            if key in self._checked:
+                value["checked"] = self._checked.pop(key)
             self._write_index(index)
             log.info("LoRA %s: cached at %s", value["ref"], path)
             return path
 
-    def _add(self, key: str, ref: str, path: Path, alias: str | None = None) -> None:
-        """Index a verified file; `alias` is the unversioned key it was pinned from (see `_latest_for`)."""
+    def _add(self, key: str, ref: str, path: Path, alias: str | None = None, words: Sequence[str] = ()) -> None:
+        """Index a verified file; `alias` is the unversioned key it was pinned from (see `_latest_for`), `words`
+        the trigger words read at download time."""
         now = time.time()
         with self._index_lock:
             index = self._read_index()
             index[key] = {"ref": ref, "file": path.name, "size": path.stat().st_size, "created": now,
                           "last_used": now}
+            if words:
+                index[key]["trigger_words"] = list(words)
             if alias is not None:
                 index[key]["alias"] = alias
+                index[key]["checked"] = self._checked.pop(key, now)
             self._write_index(index)
             self._evict(index, keep=key)
 
@@ -350,36 +383,41 @@ class WeightCache:
 
     # --- producing a verified file ------------------------------------------------------------------
 
-    def _produce(self, source: Source, staged: Path) -> None:
-        """Leave the verified LoRA for `source` at `staged/lora.safetensors`."""
+    def _produce(self, source: Source, staged: Path) -> list[str]:
+        """Leave the verified LoRA for `source` at `staged/lora.safetensors`; return its trigger words."""
         staged.mkdir(parents=True)
         out = staged / "lora.safetensors"
         what = _describe(source)
+        words: list[str] = []
         if isinstance(source, HuggingFaceRef):
             self._from_hub(source, staged, out)
         elif isinstance(source, DataUri):
-            self._unpack(_decode_data_uri(source.uri, self.policy.max_bytes, staged / "payload"), out, what)
+            words = self._unpack(_decode_data_uri(source.uri, self.policy.max_bytes, staged / "payload"), out, what)
         elif isinstance(source, LocalFile):
-            self._unpack(Path(source.path).expanduser(), out, what)
+            words = self._unpack(Path(source.path).expanduser(), out, what)
         else:
             payload = staged / "payload"
             self.downloader.download(self._target(source), payload)
-            self._unpack(payload, out, what)
-        verify_lora_file(out, what)
+            words = self._unpack(payload, out, what)
+        header = verify_lora_file(out, what)
+        return list(dict.fromkeys([*words, *triggers.from_metadata(header.metadata)]))
 
-    def _unpack(self, payload: Path, out: Path, what: str) -> None:
-        """Move a safetensors payload to `out`, or extract the LoRA from a tar/tar.gz payload into it."""
+    def _unpack(self, payload: Path, out: Path, what: str) -> list[str]:
+        """Move a safetensors payload to `out`, or extract the LoRA from a tar/tar.gz payload into it; the
+        trigger words of an archive's training config."""
         kind = file_kind(payload)
         if kind in ("tar", "gzip"):
-            name = extract_lora_from_tar(payload, out, self.policy.max_bytes, what)
+            name, words = extract_lora_from_tar(payload, out, self.policy.max_bytes, what)
             log.info("%s: using %s from the archive", what, name)
             verify_lora_file(out, f"{what} ({name})")
+            return words
         else:
             verify_lora_file(payload, what)
             if payload.parent == out.parent:
                 os.replace(payload, out)
             else:  # a local file of the user's: copied, never moved
                 shutil.copyfile(payload, out)
+            return []
 
     def _target(self, source: Source) -> Target:
         """Where a Replicate, CivitAI or plain URL source downloads from."""

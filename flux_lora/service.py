@@ -8,7 +8,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -97,6 +97,7 @@ class Service:
 
         self.variant = variant
         self.settings = settings
+        self.cache = WeightCache.from_settings(settings)
         self.baked_lora = baked_lora
         self.outputs_dir = Path(tempfile.mkdtemp(prefix="flux-lora-outputs-"))
         device, dtype = pick_device(settings.device)
@@ -118,7 +119,7 @@ class Service:
         self.loras = LoraManager(
             transformers,
             self.pipelines.text2img["dev"].text_encoder,
-            _resolver(WeightCache.from_settings(settings), baked_lora),
+            _resolver(self.cache, baked_lora),
             memory_bytes=settings.lora_memory_bytes,
             # A compiled transformer takes new LoRAs by hot-swap into padded adapters: no recompilation.
             hotswap_rank=settings.lora_hotswap_rank or (DEFAULT_HOTSWAP_RANK if compiled else None),
@@ -164,6 +165,7 @@ class Service:
         key = f"{request.model}:fast" if request.go_fast else request.model
         self.pipelines.prepare(request.model, request.go_fast)  # the bf16 slot first: adapters move with it
         self.loras.apply(key, self.loras.wanted(request.main_lora, request.extra_lora, request.go_fast, main_field))
+        request = self._with_trigger_words(request, main_field)
         if request.go_fast and self.pipelines.fast is not None:
             log.info("go_fast: %s", self.pipelines.fast.fp8)
         images = generate(self.pipelines, request, cond)
@@ -177,3 +179,16 @@ class Service:
             len(paths), cond.width, cond.height, request.model, request.mode.value, time.perf_counter() - start,
         )
         return paths
+
+    def _with_trigger_words(self, request: Request, main_field: str) -> Request:
+        """Log the LoRAs' trigger words, warn when the prompt lacks one (FLUX_LORA_AUTO_TRIGGER prepends it)."""
+        from flux_lora.lora import shown
+        from flux_lora.triggers import check_prompt
+
+        loras = [
+            (field, shown(spec.ref), self.cache.trigger_words(self.loras.resolve(spec.ref)))
+            for field, spec in ((main_field, request.main_lora), ("extra_lora", request.extra_lora))
+            if spec is not None
+        ]
+        prompt = check_prompt(request.prompt, loras, self.settings.auto_trigger)
+        return request if prompt == request.prompt else replace(request, prompt=prompt)

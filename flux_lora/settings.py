@@ -53,6 +53,7 @@ class Settings:
     local_lora_dirs: tuple[Path, ...] = ()  # FLUX_LORA_LOCAL_LORA_DIRS: folders request fields may name files in
     ref_recheck_seconds: float = 60.0  # FLUX_LORA_REF_RECHECK_SECONDS: re-pin unversioned refs this often
     output_metadata: bool = True  # FLUX_LORA_OUTPUT_METADATA: 0 writes no generation parameters into images
+    auto_trigger: bool = False  # FLUX_LORA_AUTO_TRIGGER: 1 prepends a LoRA's missing trigger words to the prompt
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -74,6 +75,7 @@ class Settings:
             lora_hotswap_rank=int(os.environ.get("FLUX_LORA_HOTSWAP_RANK") or 0) or None,
             ref_recheck_seconds=float(os.environ.get("FLUX_LORA_REF_RECHECK_SECONDS") or 60),
             output_metadata=_flag_on_by_default("FLUX_LORA_OUTPUT_METADATA"),
+            auto_trigger=_flag("FLUX_LORA_AUTO_TRIGGER"),
             local_lora_dirs=tuple(
                 Path(d) for d in os.environ.get("FLUX_LORA_LOCAL_LORA_DIRS", "").split(os.pathsep) if d.strip()
             ),

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
+from flux_lora import triggers
 from flux_lora.errors import NotALoraError, WeightsError, WeightsNotFound, WeightsTooLarge
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -203,6 +204,18 @@ def choose_lora(candidates: list[str], names_of: Callable[[str], Iterable[str] |
 # --- tar archives ----------------------------------------------------------------------------------------
 
 
+def _config_triggers(tar: tarfile.TarFile, members: dict[str, tarfile.TarInfo]) -> list[str]:
+    """Trigger words from the training configs (small YAML/JSON members) of an archive."""
+    words: list[str] = []
+    for name, member in members.items():
+        if not name.lower().endswith(triggers.CONFIG_SUFFIXES) or member.size > triggers.MAX_CONFIG_BYTES:
+            continue
+        fileobj = tar.extractfile(member)
+        if fileobj is not None:
+            words += triggers.from_config(fileobj.read().decode("utf-8", "replace"))
+    return list(dict.fromkeys(words))
+
+
 def _safe_member(member: tarfile.TarInfo) -> bool:
     """Regular files with relative, non-escaping names only: links and devices are never followed."""
     name = member.name
@@ -210,8 +223,9 @@ def _safe_member(member: tarfile.TarInfo) -> bool:
     return member.isreg() and not name.startswith(("/", "\\")) and ".." not in parts and ":" not in parts[0]
 
 
-def extract_lora_from_tar(archive: Path, dest: Path, max_bytes: int, what: str) -> str:
-    """Copy the LoRA inside `archive` (a tar or tar.gz) to `dest`; return its name in the archive.
+def extract_lora_from_tar(archive: Path, dest: Path, max_bytes: int, what: str) -> tuple[str, list[str]]:
+    """Copy the LoRA inside `archive` (a tar or tar.gz) to `dest`; return its name in the archive and the
+    trigger words its training config names (Replicate's trainer tars hold one; see flux_lora.triggers).
 
     Nothing is written under the archive's own names: the chosen member is streamed to `dest`, so
     absolute paths, `..` and links in the archive cannot write anywhere else.
@@ -239,7 +253,7 @@ def extract_lora_from_tar(archive: Path, dest: Path, max_bytes: int, what: str) 
             with dest.open("wb") as out:
                 while chunk := source.read(1 << 20):
                     out.write(chunk)
-            return chosen
+            return chosen, _config_triggers(tar, members)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         if isinstance(exc, OSError) and not isinstance(exc, EOFError) and exc.errno is not None:
             raise
