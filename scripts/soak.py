@@ -142,10 +142,18 @@ def process_rss(pid: int) -> int:
     return total
 
 
-def leftovers(tmp: Path, cache: Path) -> list[Path]:
-    """Files the server left in its temporary directory and the LoRA cache's staging area."""
-    found = [p for p in tmp.rglob("*") if p.is_file()]
-    return found + [p for p in (cache / "tmp").rglob("*") if p.is_file()]
+def leftovers(tmp: Path, cache: Path) -> tuple[list[Path], int]:
+    """Files the server left in its temporary directory and the LoRA cache's staging area, apart from the
+    newest KEEP_OUTPUTS prediction directories it keeps on purpose (cog may still be reading them);
+    and how many files those hold."""
+    from flux_lora.outputs import PREFIX
+    from flux_lora.service import KEEP_OUTPUTS
+
+    predictions = sorted(tmp.rglob(PREFIX + "*"), key=lambda p: p.stat().st_mtime_ns)
+    kept = {p for p in predictions[-KEEP_OUTPUTS:] if p.is_dir()}
+    found = [p for p in tmp.rglob("*") if p.is_file() and p.parent not in kept]
+    found += [p for p in (cache / "tmp").rglob("*") if p.is_file()]
+    return found, sum(1 for d in kept for p in d.iterdir())
 
 
 class Client:
@@ -252,14 +260,14 @@ def main() -> int:
             rss = {"start": process_rss(proc.pid)}
             results = run_cases(Client(url), cases, args.warmup, lambda: process_rss(proc.pid), rss)
             rss["end"] = process_rss(proc.pid)
-            left = leftovers(server_tmp, cache)
+            left, kept = leftovers(server_tmp, cache)
         finally:
             proc.terminate()
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    return report(cases, results, rss, left, work)
+    return report(cases, results, rss, left, kept, work)
 
 
 def _free_port() -> int:
@@ -284,7 +292,7 @@ def run_cases(client: Client, cases: list[Case], warmup: int, rss_now: Callable[
 
 
 def report(cases: list[Case], results: list[tuple[str, float, str]], rss: dict[str, int], left: list[Path],
-           work: Path) -> int:
+           kept: int, work: Path) -> int:
     kinds = Counter(c.kind for c in cases)
     unexpected = [(c, r) for c, r in zip(cases, results, strict=True) if not outcome_ok(c, r[0], r[2])]
     latencies = [r[1] for c, r in zip(cases, results, strict=True) if c.expect == "succeeded" and r[0] == "succeeded"]
@@ -303,7 +311,7 @@ def report(cases: list[Case], results: list[tuple[str, float, str]], rss: dict[s
     for name, value in rss.items():
         print(f"| {name} | {value / 2**20:.0f} |")
     print(f"\nresident memory end vs after warm-up: {growth:+.1%} (target within 10%)")
-    print(f"leftover temporary files: {len(left)}")
+    print(f"leftover temporary files: {len(left)} (plus {kept} in the newest prediction directories, kept on purpose)")
     for path in left[:10]:
         print(f"  - {path.relative_to(work)}")
     ok = not unexpected and not left and growth <= 0.10
