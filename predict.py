@@ -134,7 +134,7 @@ class OneAtATime(BaseRunner):
         A cancel during the run stops it at its next denoising step (flux_lora.progress); the GPU
         is released only once the run has stopped, so the next request never overlaps it.
         """
-        url_inputs.refuse_failed_fetches(inputs)
+        url_inputs.check_fetched(self.run, inputs)
         if self.gpu.locked():
             log.info("Waiting for the prediction ahead of this one to finish")
         async with self.gpu:

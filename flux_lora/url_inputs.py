@@ -12,8 +12,10 @@ no network). The value becomes a `GuardedURLPath`, whose `convert()` downloads t
 `flux_lora.http.Downloader`: the LoRA rules (public addresses only unless FLUX_LORA_ALLOW_PRIVATE_URLS,
 checked before any connection and after each redirect; the connection dials the checked address; the
 size cap; retries). A refused or failed fetch does not raise inside coglet, where no field is known:
-it yields a `Refused` path, which `refuse_failed_fetches(inputs)`, called first in predict.py's run,
-raises as an error naming the field. tests/test_url_inputs.py fails if the pinned cog fetches otherwise.
+it yields a `Refused` path, which `check_fetched(run, inputs)`, called first in predict.py's run,
+raises as an error naming the field. A value that is not a URL reaches run() untouched, as a string
+(coglet converts URLs only): `check_fetched` refuses it too, so no request makes the server open one
+of its own files. tests/test_url_inputs.py fails if the pinned cog fetches otherwise.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from __future__ import annotations
 import os
 import pathlib
 import tempfile
+import typing
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -85,11 +89,21 @@ def _validate(cls: type, value: Any) -> pathlib.Path:
     return _COG_VALIDATE(cls, value)
 
 
-def refuse_failed_fetches(inputs: dict[str, Any]) -> None:
-    """Raise, named for its field, the first URL input that was refused or could not be fetched."""
-    for field, value in inputs.items():
+def _path_fields(run: Callable[..., Any]) -> list[str]:
+    """The inputs of `run` typed `cog.Path` (or Optional/list of it): coglet's own rule."""
+    hints = typing.get_type_hints(run)
+    return [name for name, hint in hints.items()
+            if name != "return" and cog.types.Path in (hint, *typing.get_args(hint))]
+
+
+def check_fetched(run: Callable[..., Any], inputs: dict[str, Any]) -> None:
+    """Raise, named for its field, the first path input that was refused, failed, or is not a URL."""
+    for field in _path_fields(run):
+        value = inputs.get(field)
         if isinstance(value, Refused):
             raise for_cog(InputError(field, value.reason))
+        if isinstance(value, str):
+            raise for_cog(InputError(field, "must be a URL (http, https or data:); files on the server are not read"))
 
 
 cog.types.Path.validate = classmethod(_validate)  # type: ignore[method-assign,assignment]

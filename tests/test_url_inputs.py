@@ -120,3 +120,13 @@ def test_a_missing_image_is_named_and_the_server_keeps_serving(server: CogServer
     assert "secret" not in error
     body = server.predict(prompt="x", **FAST).json()
     assert body["status"] == "succeeded", body.get("error")
+
+
+
+def test_local_paths_are_not_read(server: CogServer, tmp_path: Path) -> None:
+    """cog hands a value that is not a URL to run() as it came: the server must not open its own files."""
+    local = tmp_path / "secret.png"
+    local.write_bytes(png((64, 64)))
+    for value in (str(local), f"file://{local}"):
+        error = _error(server.predict(prompt="x", image=value, **FAST))
+        assert "image: must be a URL (http, https or data:)" in error, error
