@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 from cog import BaseRunner, Input, Path
 
+from flux_lora import url_inputs  # guards cog's own fetch of image/mask URLs (see its docstring)
 from flux_lora.errors import UserError, for_cog
 from flux_lora.progress import log_progress
 from flux_lora.service import HOTSWAP, TRAINED, Service, Variant
@@ -133,6 +134,7 @@ class OneAtATime(BaseRunner):
         A cancel during the run stops it at its next denoising step (flux_lora.progress); the GPU
         is released only once the run has stopped, so the next request never overlaps it.
         """
+        url_inputs.check_fetched(self.run, inputs)
         if self.gpu.locked():
             log.info("Waiting for the prediction ahead of this one to finish")
         async with self.gpu:

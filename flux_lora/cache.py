@@ -109,13 +109,8 @@ class WeightCache:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> WeightCache:
-        policy = DownloadPolicy(
-            max_bytes=settings.max_download_bytes,
-            connections=settings.download_connections,
-            timeout=settings.download_timeout,
-            allow_private=settings.allow_private_urls,
-        )
-        return cls(settings.cache_dir, policy, settings.cache_max_bytes, settings.cache_min_free_bytes,
+        return cls(settings.cache_dir, DownloadPolicy.from_settings(settings), settings.cache_max_bytes,
+                   settings.cache_min_free_bytes,
                    settings.local_lora_dirs, settings.ref_recheck_seconds)
 
     # --- public API -------------------------------------------------------------------------------------

@@ -1,13 +1,16 @@
 """Safe, fast HTTP downloads of weight files with requests.
 
 - Every URL, and every redirect target, must resolve to a public address unless private ones are
-  allowed (`FLUX_LORA_ALLOW_PRIVATE_URLS`): a reference cannot reach loopback, the LAN or a cloud
-  metadata service.
+  allowed (`FLUX_LORA_ALLOW_PRIVATE_URLS`: all of them, or listed host:port pairs): a reference cannot
+  reach loopback, the LAN or a cloud metadata service. The connection then goes to the address that
+  was checked (`flux_lora.pinned`), never to a second DNS answer.
 - Credentials travel in headers, only to the origin they were meant for (dropped on a redirect to
   another host), and URLs are shown without their query string: tokens never reach logs or errors.
 - Files are fetched with parallel ranged requests when the server supports ranges, as one stream
   otherwise; transient failures (timeouts, resets, 429/5xx) are retried a bounded number of times
-  with exponential backoff, resuming where the data stopped; a byte cap bounds every download.
+  with urllib3's `Retry` backoff (and a bounded Retry-After), resuming where the data stopped; a byte
+  cap bounds every download.
+- Progress: `flux_lora.download_progress` (a tqdm bar on a terminal, log lines otherwise).
 """
 
 from __future__ import annotations
@@ -18,16 +21,18 @@ import os
 import re
 import socket
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urljoin, urlsplit
 
 import requests
+from urllib3.exceptions import MaxRetryError
+from urllib3.util.retry import Retry
 
+from flux_lora.download_progress import Progress
 from flux_lora.errors import (
     BlockedUrlError,
     NotALoraError,
@@ -38,7 +43,11 @@ from flux_lora.errors import (
     WeightsUnreachable,
     plain_reason,
 )
+from flux_lora.pinned import PinnedAdapter, host_port, pinned
 from flux_lora.refs import redact_url
+
+if TYPE_CHECKING:
+    from flux_lora.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +67,15 @@ class DownloadPolicy:
     timeout: float = 60.0
     allow_private: bool = False
     retries: int = 4  # attempts after the first
-    backoff: float = 0.5  # seconds, doubled per attempt
+    backoff: float = 0.5  # seconds, doubled per attempt (urllib3's Retry: the first retry goes at once)
     part_bytes: int = 16 * 1024**2  # smallest ranged part: smaller files go as one stream
+    allow_hosts: frozenset[str] = frozenset()  # "host:port" pairs allowed although private
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DownloadPolicy:
+        return cls(max_bytes=settings.max_download_bytes, connections=settings.download_connections,
+                   timeout=settings.download_timeout, allow_private=settings.allow_private_urls,
+                   allow_hosts=frozenset(settings.private_url_exceptions))
 
 
 @dataclass(frozen=True)
@@ -76,9 +92,10 @@ class Target:
 class _Transient(Exception):
     """A failure worth retrying; `final` is the user error to raise when retries run out."""
 
-    def __init__(self, final: WeightsError) -> None:
+    def __init__(self, final: WeightsError, response: requests.Response | None = None) -> None:
         super().__init__(str(final))
         self.final = final
+        self.response = response  # an answer whose Retry-After is honoured (bounded)
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
@@ -91,17 +108,31 @@ def resolve_host(host: str, port: int) -> list[str]:
     return [str(info[4][0]) for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)]
 
 
-def check_url(url: str, allow_private: bool) -> None:
-    """Refuse non-http(s) URLs and, unless allowed, hosts resolving to non-public addresses."""
+def check_url(url: str, allow_private: bool, allow_hosts: frozenset[str] = frozenset()) -> list[str]:
+    """Refuse non-http(s) URLs and, unless allowed, hosts resolving to non-public addresses.
+
+    Returns the addresses checked, for the connection to dial (`flux_lora.pinned`); none when every
+    private host is allowed (the client then resolves the name itself). A host:port in `allow_hosts`
+    is dialled at its own addresses, private or not.
+    """
     parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        raise BlockedUrlError(f"{redact_url(url)}: the port is not a number") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise BlockedUrlError(f"{redact_url(url)}: only http and https URLs can be downloaded")
     if allow_private:
-        return
+        return []
+    host, port = host_port(url)
     try:
-        addresses = resolve_host(parts.hostname, parts.port or 443)
+        addresses = resolve_host(parts.hostname, port)
     except (socket.gaierror, UnicodeError):
         raise WeightsError(f"{redact_url(url)}: cannot resolve host {parts.hostname!r}") from None
+    if not addresses:
+        raise WeightsError(f"{redact_url(url)}: cannot resolve host {parts.hostname!r}")
+    if f"{host}:{port}" in allow_hosts:
+        return addresses
     for address in addresses:
         ip = ipaddress.ip_address(address.split("%")[0])
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
@@ -111,6 +142,7 @@ def check_url(url: str, allow_private: bool) -> None:
                 f"{redact_url(url)}: host {parts.hostname!r} resolves to a non-public address ({ip}); "
                 "set FLUX_LORA_ALLOW_PRIVATE_URLS=1 to allow private networks"
             )
+    return addresses
 
 
 def _status_error(status: int, target: Target) -> WeightsError:
@@ -141,6 +173,9 @@ class Downloader:
             session = requests.Session()
             session.headers["User-Agent"] = self.user_agent
             session.trust_env = True
+            adapter = PinnedAdapter(max_retries=0)  # retries are ours (`_retrying`): they resume downloads
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
             self._local.session = session
         return session
 
@@ -153,15 +188,16 @@ class Downloader:
         With `follow` False a redirect is returned as the answer (its Location unvisited).
         """
         for _ in range(MAX_REDIRECTS + 1):
-            check_url(url, self.policy.allow_private)
+            addresses = check_url(url, self.policy.allow_private, self.policy.allow_hosts)
             sent = dict(headers)
             if _origin(url) == _origin(target.url):
                 sent.update(target.auth)
             try:
-                response = self._session().get(
-                    url, headers=sent, stream=True, allow_redirects=False,
-                    timeout=(min(self.policy.timeout, 30.0), self.policy.timeout),
-                )
+                with pinned(url, addresses):
+                    response = self._session().get(
+                        url, headers=sent, stream=True, allow_redirects=False,
+                        timeout=(min(self.policy.timeout, 30.0), self.policy.timeout),
+                    )
             except requests.Timeout:
                 raise _Transient(WeightsUnreachable(f"{target.what}: timed out")) from None
             except requests.RequestException as exc:
@@ -173,7 +209,7 @@ class Downloader:
                 continue
             if response.status_code in RETRY_STATUSES:
                 response.close()
-                raise _Transient(_status_error(response.status_code, target))
+                raise _Transient(_status_error(response.status_code, target), response)
             if response.status_code >= 400:
                 response.close()
                 raise _status_error(response.status_code, target)
@@ -181,18 +217,24 @@ class Downloader:
         raise WeightsError(f"{target.what}: too many redirects")
 
     def _retrying(self, target: Target, attempt: Callable[[], T]) -> T:
-        """Run `attempt`, retrying transient failures with exponential backoff."""
-        for n in range(self.policy.retries + 1):
+        """Run `attempt`, retrying transient failures as urllib3's `Retry` counts and spaces them.
+
+        The attempts are ours (a retry resumes a download where its data stopped); `Retry` keeps the
+        count, the exponential backoff and a server's Retry-After (at most 30 s).
+        """
+        retry = Retry(total=self.policy.retries, backoff_factor=self.policy.backoff, backoff_max=8.0,
+                      retry_after_max=30)
+        while True:
             try:
                 return attempt()
             except _Transient as exc:
-                if n == self.policy.retries:
+                try:
+                    retry = retry.increment(error=exc)
+                except MaxRetryError:
                     attempts = self.policy.retries + 1
                     raise type(exc.final)(f"{exc.final} (after {attempts} attempts)") from None
-                delay = min(self.policy.backoff * 2**n, 8.0)
-                log.info("%s: %s; retrying in %.1fs", target.what, exc.final, delay)
-                time.sleep(delay)
-        raise AssertionError("unreachable")
+                log.info("%s: %s; retrying", target.what, exc.final)
+                retry.sleep(exc.response.raw if exc.response is not None else None)
 
     def get_json(self, target: Target) -> object:
         """A small JSON document (an API answer)."""
@@ -241,7 +283,7 @@ class Downloader:
         if total is not None and total > self.policy.max_bytes:
             response.close()
         self._check_size(total, target)
-        progress = _Progress(target.what, total)
+        progress = Progress(target.what, total)
         if parallel:
             assert total is not None
             self._parallel(target, final_url, dest, total, head, response, progress)
@@ -271,7 +313,7 @@ class Downloader:
             )
 
     def _stream_into(self, response: requests.Response, fd: int, offset: int, limit: int | None,
-                     target: Target, progress: _Progress) -> int:
+                     target: Target, progress: Progress) -> int:
         """Copy a response body to `fd` at `offset`; return the bytes written (stops at `limit`)."""
         written = 0
         try:
@@ -296,7 +338,7 @@ class Downloader:
         return written
 
     def _single(self, target: Target, url: str, dest: Path, total: int | None, ranged: bool,
-                first: requests.Response | None, progress: _Progress) -> None:
+                first: requests.Response | None, progress: Progress) -> None:
         """One stream; a retry resumes with a range when the server has them, else starts over."""
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         done = 0
@@ -329,7 +371,7 @@ class Downloader:
             os.close(fd)
 
     def _parallel(self, target: Target, url: str, dest: Path, total: int, head: int,
-                  first: requests.Response, progress: _Progress) -> None:
+                  first: requests.Response, progress: Progress) -> None:
         """Ranged parts in parallel threads, each written at its offset and retried on its own.
 
         Part 0 is the answer to the first request (bytes 0..head-1); the rest is split evenly.
@@ -379,35 +421,3 @@ class Downloader:
             os.close(fd)
             for response in pending.values():
                 response.close()
-
-
-class _Progress:
-    """Logs a download's progress every few seconds (thread-safe)."""
-
-    def __init__(self, what: str, total: int | None, every: float = 5.0) -> None:
-        self.what, self.total, self.every = what, total, every
-        self.done_bytes = 0
-        self.start = self.last = time.monotonic()
-        self._lock = threading.Lock()
-        log.info("downloading %s (%s)", what, _mib(total) if total is not None else "size unknown")
-
-    def add(self, n: int) -> None:
-        with self._lock:
-            self.done_bytes += n
-            now = time.monotonic()
-            if now - self.last < self.every:
-                return
-            self.last = now
-        rate = self.done_bytes / max(now - self.start, 1e-6)
-        share = f" {100 * self.done_bytes / self.total:.0f}%" if self.total else ""
-        log.info("downloading %s:%s %s at %s/s", self.what, share, _mib(self.done_bytes), _mib(int(rate)))
-
-    def done(self) -> None:
-        elapsed = time.monotonic() - self.start
-        rate = self.done_bytes / max(elapsed, 1e-6)
-        size = _mib(self.done_bytes)
-        log.info("downloaded %s: %s in %.1fs (%s/s)", self.what, size, elapsed, _mib(int(rate)))
-
-
-def _mib(n: int) -> str:
-    return f"{n / 1024**2:.1f} MiB"

@@ -29,6 +29,12 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
+def _host_ports(name: str) -> tuple[str, ...]:
+    """The `host:port` entries of a comma-separated list (a flag value such as "1" holds none)."""
+    entries = (e.strip().lower() for e in os.environ.get(name, "").split(","))
+    return tuple(e for e in entries if re.fullmatch(r"\[?[\w.:-]+\]?:\d+", e))
+
+
 def _size(name: str, default: str) -> int:
     return parse_size(os.environ.get(name) or default)
 
@@ -47,7 +53,8 @@ class Settings:
     max_download_bytes: int = 2 * 1024**3  # FLUX_LORA_MAX_DOWNLOAD_BYTES: refuse larger LoRA downloads
     download_connections: int = 8  # FLUX_LORA_DOWNLOAD_CONNECTIONS: parallel ranged requests per file
     download_timeout: float = 60.0  # FLUX_LORA_DOWNLOAD_TIMEOUT: seconds without data before a retry
-    allow_private_urls: bool = False  # FLUX_LORA_ALLOW_PRIVATE_URLS: allow loopback/private hosts
+    allow_private_urls: bool = False  # FLUX_LORA_ALLOW_PRIVATE_URLS=1: allow loopback/private hosts
+    private_url_exceptions: tuple[str, ...] = ()  # FLUX_LORA_ALLOW_PRIVATE_URLS=host:port,...: only these
     lora_memory_bytes: int = 2 * 1024**3  # FLUX_LORA_MEMORY_CACHE_BYTES: converted LoRAs kept in RAM
     lora_hotswap_rank: int | None = None  # FLUX_LORA_HOTSWAP_RANK: pad adapters to this rank (compiled)
     local_lora_dirs: tuple[Path, ...] = ()  # FLUX_LORA_LOCAL_LORA_DIRS: folders request fields may name files in
@@ -71,6 +78,7 @@ class Settings:
             download_connections=max(1, int(os.environ.get("FLUX_LORA_DOWNLOAD_CONNECTIONS") or 8)),
             download_timeout=float(os.environ.get("FLUX_LORA_DOWNLOAD_TIMEOUT") or 60),
             allow_private_urls=_flag("FLUX_LORA_ALLOW_PRIVATE_URLS"),
+            private_url_exceptions=_host_ports("FLUX_LORA_ALLOW_PRIVATE_URLS"),
             lora_memory_bytes=_size("FLUX_LORA_MEMORY_CACHE_BYTES", "2GiB"),
             lora_hotswap_rank=int(os.environ.get("FLUX_LORA_HOTSWAP_RANK") or 0) or None,
             ref_recheck_seconds=float(os.environ.get("FLUX_LORA_REF_RECHECK_SECONDS") or 60),
