@@ -35,3 +35,7 @@ class WeightsUnreachable(WeightsError):
 
 class LocalFileRefused(WeightsError):
     """A local path (or file:// URL) where only remote references are accepted, e.g. a request field."""
+
+
+class LoraError(UserError):
+    """A LoRA file we cannot apply: wrong architecture, empty, unsupported variant, bad shapes."""

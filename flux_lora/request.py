@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import NamedTuple
 
 from flux_lora.errors import UserError
 
@@ -107,6 +108,24 @@ class LoraSpec:
     scale: float
 
 
+GO_FAST_SCALE = 1.5  # the schema's documented multiplier for go_fast
+
+
+def effective_scale(scale: float, go_fast: bool) -> float:
+    """The strength the adapter runs at: the user's scale, times 1.5 under go_fast (as documented)."""
+    return scale * GO_FAST_SCALE if go_fast else scale
+
+
+class PipelineKey(NamedTuple):
+    """Which transformer a request runs on: the model, plain or go_fast (fp8 + compile)."""
+
+    model: str
+    go_fast: bool = False
+
+    def __str__(self) -> str:  # how logs name it
+        return f"{self.model} (go_fast)" if self.go_fast else self.model
+
+
 @dataclass(frozen=True)
 class Request:
     """One prediction, with every default applied and every rule checked."""
@@ -129,6 +148,10 @@ class Request:
     go_fast: bool
     main_lora: LoraSpec | None
     extra_lora: LoraSpec | None
+
+    @property
+    def key(self) -> PipelineKey:
+        return PipelineKey(self.model, self.go_fast)
 
     @property
     def guidance(self) -> float:

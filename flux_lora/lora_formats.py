@@ -1,4 +1,4 @@
-"""FLUX LoRAs: detect the file's format, convert it against the loaded model, switch adapters.
+"""FLUX LoRA formats: detect a file's format and convert it onto the loaded model's modules.
 
 Every supported format (peft/diffusers, kohya/sd-scripts, ComfyUI `diffusion_model.`, the "mixture"
 `lora_transformer_` form, XLabs `processor` keys, CLIP text-encoder LoRAs) is parsed into one
@@ -6,12 +6,8 @@ canonical form: per target module a `lora_A` (down) and `lora_B` (up) with alpha
 into `lora_B`, so every adapter runs with scaling 1.0 times the user's scale. Fused BFL layers
 (`qkv`, single-block `linear1`) are split with the widths read off the model itself, not the real
 FLUX widths diffusers' converters assume. Keys that match nothing, or match another architecture,
-are errors: a LoRA never runs silently as the base model.
-
-`LoraManager` keeps adapters resident per component (two transformers, one shared CLIP): a request
-whose references did not change only sets scales; converted state dicts stay in a bounded LRU so
-switching back costs no disk or conversion; with `hotswap_rank` the transformers take new LoRAs by
-hot-swapping weights into padded adapters, so a torch.compile'd transformer does not recompile.
+are errors: a LoRA never runs silently as the base model. Adding a format is adding its prefixes or
+names here; the adapter slots (`adapters.py`) only ever see the canonical form.
 """
 
 from __future__ import annotations
@@ -20,56 +16,26 @@ import json
 import logging
 import math
 import re
-import time
-import warnings
-from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from flux_lora.errors import UserError
-from flux_lora.refs import redact_url
-from flux_lora.request import LoraSpec
+from flux_lora.errors import LoraError
 
 log = logging.getLogger(__name__)
 
-GO_FAST_SCALE = 1.5  # the schema's documented multiplier for go_fast
-SLOTS = ("main", "extra")
-
-
-class LoraError(UserError):
-    """A LoRA file we cannot apply: wrong architecture, empty, unsupported variant, bad shapes."""
-
-
-def shown(ref: str) -> str:
-    """A reference as logs and errors may show it: no query strings, credentials or data: payloads."""
-    if ref.startswith("data:"):
-        return f"data: URI ({len(ref)} characters)"
-    return redact_url(ref)
-
-
-def effective_scale(scale: float, go_fast: bool) -> float:
-    """The strength the adapter runs at: the user's scale, times 1.5 under go_fast (as documented)."""
-    return scale * GO_FAST_SCALE if go_fast else scale
-
 
 # --------------------------------------------------------------------------- parsing raw keys
-
 # Suffix -> role. Longest first: ".lora.down.weight" must win over ".down.weight".
 _SUFFIXES: tuple[tuple[str, str], ...] = (
-    (".lora.down.weight", "down"),
-    (".lora.up.weight", "up"),
-    (".lora_A.default.weight", "down"),
-    (".lora_B.default.weight", "up"),
-    (".lora_down.weight", "down"),
-    (".lora_up.weight", "up"),
-    (".lora_A.weight", "down"),
-    (".lora_B.weight", "up"),
-    (".down.weight", "down"),
-    (".up.weight", "up"),
+    (".lora.down.weight", "down"), (".lora.up.weight", "up"),
+    (".lora_A.default.weight", "down"), (".lora_B.default.weight", "up"),
+    (".lora_down.weight", "down"), (".lora_up.weight", "up"),
+    (".lora_A.weight", "down"), (".lora_B.weight", "up"),
+    (".down.weight", "down"), (".up.weight", "up"),
     (".alpha", "alpha"),
 )
 _DORA = ("dora_scale", "lora_magnitude_vector")
@@ -79,26 +45,15 @@ _LYCORIS_LAST_PREFIXES = ("hada_w", "hada_t", "lokr_w", "lokr_t", "oft_")
 _LYCORIS_LAST = ("diff", "diff_b")
 _LYCORIS_WEIGHT_OF = ("lora_mid", "a1", "a2", "b1", "b2")
 # Key fragments of other diffusion architectures (flattened: dots become underscores).
+_SD_UNET, _SD_DIFFUSERS = "SDXL/SD 1.5 (original UNet names)", "Stable Diffusion (SD 1.5/SDXL UNet)"
 _FOREIGN: tuple[tuple[str, str], ...] = (
-    ("input_blocks_", "SDXL/SD 1.5 (original UNet names)"),
-    ("output_blocks_", "SDXL/SD 1.5 (original UNet names)"),
-    ("middle_block_", "SDXL/SD 1.5 (original UNet names)"),
-    ("down_blocks_", "Stable Diffusion (SD 1.5/SDXL UNet)"),
-    ("up_blocks_", "Stable Diffusion (SD 1.5/SDXL UNet)"),
-    ("mid_block_", "Stable Diffusion (SD 1.5/SDXL UNet)"),
-    ("joint_blocks_", "Stable Diffusion 3"),
-    ("context_block_", "Stable Diffusion 3"),
+    ("input_blocks_", _SD_UNET), ("output_blocks_", _SD_UNET), ("middle_block_", _SD_UNET),
+    ("down_blocks_", _SD_DIFFUSERS), ("up_blocks_", _SD_DIFFUSERS), ("mid_block_", _SD_DIFFUSERS),
+    ("joint_blocks_", "Stable Diffusion 3"), ("context_block_", "Stable Diffusion 3"),
 )
 # Prefixes that name where a key lives; stripped before matching module names.
-_TRANSFORMER_PREFIXES = (
-    "base_model.model.",
-    "model.diffusion_model.",
-    "diffusion_model.",
-    "transformer.",
-    "lora_unet_",
-    "lora_transformer_",
-    "unet.",
-)
+_TRANSFORMER_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.",
+                         "lora_unet_", "lora_transformer_", "unet.")
 _CLIP_PREFIXES = ("lora_te1_", "lora_te_", "text_encoder.", "te1.")
 _T5_PREFIXES = ("lora_te2_", "text_encoder_2.", "te2.")
 
@@ -176,14 +131,10 @@ def _bfl_table(linears: dict[str, nn.Linear]) -> dict[str, list[_Part]]:
             linears, [d + "attn.add_q_proj", d + "attn.add_k_proj", d + "attn.add_v_proj"]
         )
         for bfl, ours in (
-            ("img_attn.proj", "attn.to_out.0"),
-            ("txt_attn.proj", "attn.to_add_out"),
-            ("img_mlp.0", "ff.net.0.proj"),
-            ("img_mlp.2", "ff.net.2"),
-            ("txt_mlp.0", "ff_context.net.0.proj"),
-            ("txt_mlp.2", "ff_context.net.2"),
-            ("img_mod.lin", "norm1.linear"),
-            ("txt_mod.lin", "norm1_context.linear"),
+            ("img_attn.proj", "attn.to_out.0"), ("txt_attn.proj", "attn.to_add_out"),
+            ("img_mlp.0", "ff.net.0.proj"), ("img_mlp.2", "ff.net.2"),
+            ("txt_mlp.0", "ff_context.net.0.proj"), ("txt_mlp.2", "ff_context.net.2"),
+            ("img_mod.lin", "norm1.linear"), ("txt_mod.lin", "norm1_context.linear"),
         ):
             table[b + bfl] = [_Part(d + ours)]
         # XLabs attention processors: lora1 = image stream, lora2 = text stream.
@@ -201,15 +152,13 @@ def _bfl_table(linears: dict[str, nn.Linear]) -> dict[str, list[_Part]]:
         # XLabs' single-block proj LoRA reads the attention output only: the first columns of proj_out's input.
         table[b + "processor.proj_lora"] = [_Part(d + "proj_out", pad_input=True)]
     for bfl, ours in (
-        ("img_in", "x_embedder"),
-        ("txt_in", "context_embedder"),
+        ("img_in", "x_embedder"), ("txt_in", "context_embedder"), ("final_layer.linear", "proj_out"),
         ("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1"),
         ("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2"),
         ("vector_in.in_layer", "time_text_embed.text_embedder.linear_1"),
         ("vector_in.out_layer", "time_text_embed.text_embedder.linear_2"),
         ("guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1"),
         ("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2"),
-        ("final_layer.linear", "proj_out"),
     ):
         if ours in linears:
             table[bfl] = [_Part(ours)]
@@ -479,282 +428,3 @@ def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as exc:
         raise LoraError(f"is not a readable .safetensors file ({exc})") from None
-
-
-# --------------------------------------------------------------------------- the adapter manager
-
-
-class _Lru:
-    """Converted LoRAs by file identity, bounded in bytes (the newest entry always stays)."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self._items: OrderedDict[str, ConvertedLora] = OrderedDict()
-
-    def get(self, key: str) -> ConvertedLora | None:
-        item = self._items.get(key)
-        if item is not None:
-            self._items.move_to_end(key)
-        return item
-
-    def put(self, key: str, value: ConvertedLora) -> None:
-        self._items[key] = value
-        self._items.move_to_end(key)
-        while len(self._items) > 1 and sum(v.nbytes for v in self._items.values()) > self.max_bytes:
-            evicted, _ = self._items.popitem(last=False)
-            log.info("LoRA memory cache: evicted %s", shown(evicted))
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._items
-
-
-@dataclass(frozen=True)
-class Wanted:
-    """One adapter a request asks for: its slot, the input it came from, reference and final scale."""
-
-    slot: str
-    field: str
-    ref: str
-    scale: float
-
-
-class _OtherAdaptersReport(logging.Filter):
-    """transformers' LOAD REPORT after a second CLIP adapter lists the first one's keys as MISSING ("newly
-    initialized"): noise in the prediction logs. Reports that name the adapter being loaded still pass."""
-
-    def __init__(self, slot: str) -> None:
-        super().__init__()
-        self.slot = slot
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return "LOAD REPORT" not in message or f".{self.slot}." in message
-
-
-def _lora_layers(model: nn.Module) -> list[nn.Module]:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-
-
-def _set_scales(model: nn.Module, scales: dict[str, float], enabled: bool) -> None:
-    """Activate `scales`' adapters at those strengths; in place for tensor scalings (no recompile)."""
-    names = list(scales)
-    for layer in _lora_layers(model):
-        layer.enable_adapters(enabled)
-        if not enabled:
-            continue
-        layer.set_adapter([n for n in names if n in layer.lora_A])
-        for name, scale in scales.items():
-            if name not in layer.scaling:
-                continue
-            # Alpha is folded into lora_B at conversion, so the scaling is the user's scale itself.
-            current = layer.scaling[name]
-            if isinstance(current, torch.Tensor):
-                current.fill_(scale)
-            else:
-                layer.scaling[name] = scale
-
-
-# Padded rank for hot-swapping into compiled transformers: covers Replicate's trainer (16-128) and
-# most community FLUX LoRAs; a larger one takes the logged slow path. FLUX_LORA_HOTSWAP_RANK overrides.
-DEFAULT_HOTSWAP_RANK = 128
-
-
-class LoraManager:
-    """Adapters on the loaded pipelines: load only what changed, switch scales in place.
-
-    `resolve` turns a reference into a local .safetensors (the weight cache's `fetch`).
-    `hotswap_rank`: set it when the transformers will be torch.compile'd (go_fast); new LoRAs then
-    overwrite padded adapters of that rank instead of adding modules, so nothing recompiles.
-    """
-
-    def __init__(
-        self,
-        transformers: dict[str, nn.Module],
-        text_encoder: nn.Module | None,
-        resolve: Callable[[str], Path],
-        memory_bytes: int = 2 << 30,
-        hotswap_rank: int | None = None,
-    ) -> None:
-        self.transformers = transformers
-        self.text_encoder = text_encoder
-        self.resolve = resolve
-        self.hotswap_rank = hotswap_rank
-        self.cache = _Lru(memory_bytes)
-        first = next(iter(transformers.values()))
-        self.names = ModelNames.of(first, text_encoder)
-        # component id -> slot -> identity (path:size:mtime) of the file loaded there
-        self._loaded: dict[int, dict[str, str]] = {}
-        self.loads = 0  # adapter loads so far (tests and the benchmark read it)
-
-    def converted(self, ref: str, field: str) -> tuple[str, ConvertedLora]:
-        """The file identity (path, size, mtime) a reference resolves to now, and its converted LoRA, from
-        memory when that same file was read recently: a file replaced in place, or a new version behind an
-        unversioned reference, is a new identity; a data: URI is never kept as a key."""
-        start = time.perf_counter()
-        try:
-            path = self.resolve(ref)
-        except LoraError:
-            raise
-        except UserError as exc:  # the cache's own message, tied to the input it came from
-            raise LoraError(f"{field}: {exc}") from None
-        stat = Path(path).stat()
-        identity = f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
-        cached = self.cache.get(identity)
-        if cached is not None:
-            return identity, cached
-        try:
-            raw, metadata = read_lora(Path(path))
-            lora = convert_lora(raw, self.names, metadata)
-        except LoraError as exc:
-            raise LoraError(f"{field}: the LoRA {shown(ref)!r} {exc}") from None
-        self.cache.put(identity, lora)
-        elapsed = time.perf_counter() - start
-        log.info("Read LoRA %s (%s, %.1f MB) in %.2fs", shown(ref), lora.format, lora.nbytes / 1e6, elapsed)
-        return identity, lora
-
-    def wanted(
-        self, main: LoraSpec | None, extra: LoraSpec | None, go_fast: bool, main_field: str = "replicate_weights"
-    ) -> list[Wanted]:
-        """The adapters a request asks for (`apply` counts the same file as main and extra once)."""
-        out: list[Wanted] = []
-        if main is not None:
-            out.append(Wanted("main", main_field, main.ref, effective_scale(main.scale, go_fast)))
-        if extra is not None:
-            out.append(Wanted("extra", "extra_lora", extra.ref, effective_scale(extra.scale, go_fast)))
-        return out
-
-    def apply(self, model: str, wanted: list[Wanted]) -> None:
-        """Make `model`'s transformer (and the shared CLIP) run exactly the wanted adapters."""
-        start = time.perf_counter()
-        loras: dict[str, tuple[Wanted, str, ConvertedLora]] = {}
-        for want in wanted:
-            identity, lora = self.converted(want.ref, want.field)
-            # The same file under two spellings (owner/model, https://replicate.com/owner/model) counts once.
-            if any(identity == other for _, other, _ in loras.values()):
-                log.warning("%s is the same LoRA as the main one (%s): applying it once", want.field, shown(want.ref))
-                continue
-            loras[want.slot] = (want, identity, lora)
-        wanted = [w for w, _, _ in loras.values()]
-        components: list[tuple[nn.Module, str]] = [(self.transformers[model], "transformer")]
-        if self.text_encoder is not None:
-            components.append((self.text_encoder, "text_encoder"))
-        changed = False
-        for module, kind in components:
-            scales: dict[str, float] = {}
-            for slot, (want, identity, lora) in loras.items():
-                sd = lora.transformer if kind == "transformer" else lora.text_encoder
-                if not sd:
-                    continue
-                changed |= self._ensure(module, kind, want, identity, sd)
-                scales[slot] = want.scale
-            self._activate(module, kind, scales)
-        log.info(
-            "LoRA %s on %s in %.3fs%s",
-            ", ".join(f"{w.slot}={shown(w.ref)}@{w.scale:g}" for w in wanted) or "none",
-            model, time.perf_counter() - start, " (loaded)" if changed else "",
-        )
-
-    def _ensure(self, module: nn.Module, kind: str, want: Wanted, identity: str, sd: dict[str, torch.Tensor]) -> bool:
-        """Load the file `identity` into `want.slot` of `module` unless already there. True when something loaded."""
-        slot, ref = want.slot, want.ref
-        loaded = self._loaded.setdefault(id(module), {})
-        if loaded.get(slot) == identity:
-            return False
-        hotswap = kind == "transformer" and self.hotswap_rank is not None
-        rank = max((t.shape[0] for k, t in sd.items() if k.endswith("lora_A.weight")), default=0)
-        if slot in loaded:
-            if hotswap and rank > self.hotswap_rank:
-                log.warning(
-                    "LoRA %s has rank %d, above the hot-swap rank %d (FLUX_LORA_HOTSWAP_RANK): slow path, a compiled "
-                    "model recompiles", shown(ref), rank, self.hotswap_rank,
-                )
-            elif hotswap and self._hotswap(module, slot, ref, sd):
-                loaded[slot] = identity
-                self.loads += 1
-                return True
-            self._delete(module, kind, slot)
-            del loaded[slot]
-        try:
-            self._load(module, kind, slot, sd)
-        except (ValueError, RuntimeError, KeyError) as exc:  # peft refused it (after our own checks passed)
-            self._discard(module, slot)
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise LoraError(f"{want.field}: the LoRA {shown(ref)!r} cannot be loaded ({kind}): {first}") from None
-        if hotswap:
-            self._pad(module, slot)
-        loaded[slot] = identity
-        self.loads += 1
-        return True
-
-    def _hotswap(self, module: nn.Module, slot: str, ref: str, sd: dict[str, torch.Tensor]) -> bool:
-        try:
-            module.load_lora_adapter(dict(sd), prefix=None, adapter_name=slot, hotswap=True)
-            return True
-        except (ValueError, RuntimeError, KeyError) as exc:
-            log.warning(
-                "LoRA %s cannot hot-swap into %s (%s): slow path, a compiled model recompiles", shown(ref), slot, exc
-            )
-            return False
-
-    def _load(self, module: nn.Module, kind: str, slot: str, sd: dict[str, torch.Tensor]) -> None:
-        if kind == "transformer":
-            module.load_lora_adapter(dict(sd), prefix=None, adapter_name=slot)
-        else:
-            from diffusers import FluxPipeline
-
-            report = _OtherAdaptersReport(slot)
-            transformers_peft = logging.getLogger("transformers.integrations.peft")
-            transformers_peft.addFilter(report)
-            try:
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-                    FluxPipeline.load_lora_into_text_encoder(
-                        {f"text_encoder.{k}": v for k, v in sd.items()}, network_alphas=None, text_encoder=module,
-                        prefix="text_encoder", adapter_name=slot,
-                    )
-            finally:
-                transformers_peft.removeFilter(report)
-
-    def _pad(self, module: nn.Module, slot: str) -> None:
-        """Pad every adapter of `module` to the hot-swap rank, scalings as tensors, so later LoRAs of any rank up
-        to it swap into `slot` in place: diffusers' `enable_lora_hotswap` only prepares the first adapter ever
-        loaded, leaving the other slot, and any slot reloaded after a slow path, unpadded. An adapter above the
-        rank (loaded on the slow path) sets the padding for the others while it stays."""
-        from peft.utils.hotswap import prepare_model_for_compiled_hotswap
-
-        ranks = [layer.lora_A[name].weight.shape[0] for layer in _lora_layers(module) for name in layer.lora_A]
-        target = max([self.hotswap_rank or 0, *ranks])
-        config = getattr(module, "peft_config", {}).get(slot)
-        prepare_model_for_compiled_hotswap(module, target_rank=target, config=config, check_compiled="ignore")
-
-    @staticmethod
-    def _discard(module: nn.Module, slot: str) -> None:
-        """Remove whatever a failed load left of `slot` (layers peft injected before it raised)."""
-        from diffusers.utils.peft_utils import delete_adapter_layers
-
-        try:
-            delete_adapter_layers(module, slot)
-        except (ValueError, KeyError) as exc:
-            log.warning("Cleaning up the failed adapter %s: %s", slot, exc)
-
-    def _delete(self, module: nn.Module, kind: str, slot: str) -> None:
-        if kind == "transformer":
-            module.delete_adapters(slot)
-        else:
-            from diffusers.utils.peft_utils import delete_adapter_layers
-
-            delete_adapter_layers(module, slot)
-
-    def _activate(self, module: nn.Module, kind: str, scales: dict[str, float]) -> None:
-        """Exactly the base model when every scale is 0 or nothing is wanted; adapters stay resident."""
-        loaded = self._loaded.get(id(module), {})
-        if not loaded:
-            return
-        if kind == "transformer" and self.hotswap_rank is not None:
-            # Compiled: keep the adapter set fixed and zero the unused ones (a 0 scale adds exact zeros).
-            _set_scales(module, {slot: scales.get(slot, 0.0) for slot in loaded}, enabled=True)
-            return
-        active = {slot: s for slot, s in scales.items() if s != 0.0}
-        _set_scales(module, active, enabled=bool(active))
