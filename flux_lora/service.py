@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,8 +36,7 @@ TRAINED = Variant("trained", main_lora_per_request=False)
 def _configure_logging() -> None:
     """Cog captures stdout/stderr as prediction logs; make our records reach them (FLUX_LORA_LOG_LEVEL)."""
     if not logging.getLogger().handlers:  # the flux-lora command line configures its own
-        level = os.environ.get("FLUX_LORA_LOG_LEVEL", "INFO").upper()
-        logging.basicConfig(level=level, format="%(message)s")
+        logging.basicConfig(level=Settings.log_level(), format="%(message)s")
 
 
 def baked_lora_ref(weights: str | Path | None, settings: Settings) -> str | None:

@@ -48,6 +48,53 @@ class Settings:
     local_lora_dirs: tuple[Path, ...] = ()  # FLUX_LORA_LOCAL_LORA_DIRS: folders request fields may name files in
     ref_recheck_seconds: float = 60.0  # FLUX_LORA_REF_RECHECK_SECONDS: re-pin unversioned refs this often
 
+    # Read at each call, never frozen at start: endpoints and tokens may change while the process runs.
+
+    @staticmethod
+    def log_level() -> str:
+        """FLUX_LORA_LOG_LEVEL: the level of our log records (INFO)."""
+        return (os.environ.get("FLUX_LORA_LOG_LEVEL") or "INFO").upper()
+
+    @staticmethod
+    def cog_weights() -> str | None:
+        """COG_WEIGHTS: the trained variant's LoRA, as `flux-lora predict` hands it to setup."""
+        return os.environ.get("COG_WEIGHTS") or None
+
+    @staticmethod
+    def hub_endpoint() -> str | None:
+        """HF_ENDPOINT: a Hugging Face Hub mirror (None: huggingface.co)."""
+        return os.environ.get("HF_ENDPOINT") or None
+
+    @staticmethod
+    def hub_token() -> str | None:
+        """HF_TOKEN: read access to private and gated Hub repos."""
+        return os.environ.get("HF_TOKEN") or None
+
+    @staticmethod
+    def hub_secrets() -> list[str]:
+        """Every Hub token in the environment (HF_TOKEN, HUGGING_FACE_HUB_TOKEN): masked in messages."""
+        return [v for v in (os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")) if v]
+
+    @staticmethod
+    def replicate_url() -> str:
+        """FLUX_LORA_REPLICATE_URL: where Replicate model references are fetched from."""
+        return (os.environ.get("FLUX_LORA_REPLICATE_URL") or "https://replicate.com").rstrip("/")
+
+    @staticmethod
+    def replicate_token() -> str | None:
+        """REPLICATE_API_TOKEN: sent to Replicate only, for private models."""
+        return os.environ.get("REPLICATE_API_TOKEN") or None
+
+    @staticmethod
+    def civitai_url() -> str:
+        """FLUX_LORA_CIVITAI_URL: where CivitAI references are resolved and fetched."""
+        return (os.environ.get("FLUX_LORA_CIVITAI_URL") or "https://civitai.com").rstrip("/")
+
+    @staticmethod
+    def civitai_token() -> str | None:
+        """CIVITAI_API_TOKEN: sent to CivitAI as a header, for models behind a login."""
+        return os.environ.get("CIVITAI_API_TOKEN") or None
+
     @classmethod
     def from_env(cls) -> Settings:
         weights = Path(os.environ.get("FLUX_LORA_WEIGHTS") or "weights")
