@@ -134,6 +134,36 @@ def url(server: FakeServer, name: str) -> str:
     return f"{server.url}/{name}.safetensors"
 
 
+# --------------------------------------------------------------------------- one request, read top to bottom
+
+STAGES = {"request": 0, "inputs": 0, "cache": 1, "sources": 1, "adapters": 2, "lora_formats": 2, "pipelines": 3,
+          "safety": 4, "outputs": 5}
+
+
+def test_a_prediction_runs_its_stages_in_order(service, server, input_image):
+    """request and inputs -> the LoRA files (cache, sources) -> adapters -> pipelines -> safety -> outputs:
+    the first call into each flux_lora module during one prediction, recorded as it happens."""
+    import sys
+
+    package = str(Path(__file__).resolve().parent.parent / "flux_lora")
+    first: list[str] = []
+
+    def record(frame, event, arg) -> None:
+        name = frame.f_code.co_filename
+        if event == "call" and name.startswith(package):
+            module = Path(name).stem
+            if module not in first:
+                first.append(module)
+
+    sys.setprofile(record)
+    try:
+        run(service, input_image, replicate_weights=url(server, "mixture"))
+    finally:
+        sys.setprofile(None)
+    order = [STAGES[m] for m in first if m in STAGES]
+    assert order == sorted(order), first
+    assert set(STAGES) - {"lora_formats"} <= set(first), first  # formats: only when not converted before
+
 # --------------------------------------------------------------------------- formats
 
 
