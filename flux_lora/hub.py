@@ -89,7 +89,7 @@ def hub_failure(exc: BaseException) -> HubFailure | None:
 
 def hub_access() -> tuple[str | None, str | None]:
     """The Hub endpoint and token (HF_ENDPOINT, HF_TOKEN), read at each call."""
-    return Settings.hub_endpoint(), Settings.hub_token()
+    return Settings.hub_endpoint(), Settings.token("HF_TOKEN")
 
 
 def hub_error(failure: HubFailure, what: str, revision: str | None, filename: str | None,

@@ -58,17 +58,12 @@ class Settings:
     @staticmethod
     def cog_weights() -> str | None:
         """COG_WEIGHTS: the trained variant's LoRA, as `flux-lora predict` hands it to setup."""
-        return os.environ.get("COG_WEIGHTS") or None
+        return Settings.token("COG_WEIGHTS")
 
     @staticmethod
     def hub_endpoint() -> str | None:
         """HF_ENDPOINT: a Hugging Face Hub mirror (None: huggingface.co)."""
         return os.environ.get("HF_ENDPOINT") or None
-
-    @staticmethod
-    def hub_token() -> str | None:
-        """HF_TOKEN: read access to private and gated Hub repos."""
-        return os.environ.get("HF_TOKEN") or None
 
     @staticmethod
     def hub_secrets() -> list[str]:
@@ -81,19 +76,15 @@ class Settings:
         return (os.environ.get("FLUX_LORA_REPLICATE_URL") or "https://replicate.com").rstrip("/")
 
     @staticmethod
-    def replicate_token() -> str | None:
-        """REPLICATE_API_TOKEN: sent to Replicate only, for private models."""
-        return os.environ.get("REPLICATE_API_TOKEN") or None
-
-    @staticmethod
     def civitai_url() -> str:
         """FLUX_LORA_CIVITAI_URL: where CivitAI references are resolved and fetched."""
         return (os.environ.get("FLUX_LORA_CIVITAI_URL") or "https://civitai.com").rstrip("/")
 
     @staticmethod
-    def civitai_token() -> str | None:
-        """CIVITAI_API_TOKEN: sent to CivitAI as a header, for models behind a login."""
-        return os.environ.get("CIVITAI_API_TOKEN") or None
+    def token(name: str) -> str | None:
+        """A credential, None when unset: HF_TOKEN (private and gated Hub repos), REPLICATE_API_TOKEN (sent to
+        Replicate only), CIVITAI_API_TOKEN (sent to CivitAI as a header)."""
+        return os.environ.get(name) or None
 
     @classmethod
     def from_env(cls) -> Settings:

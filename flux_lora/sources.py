@@ -14,17 +14,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import unquote_to_bytes, urlsplit
 
-from flux_lora import hub
+from flux_lora import hub, refs
 from flux_lora.errors import NotALoraError, WeightsNotFound, WeightsTooLarge
 from flux_lora.http import Downloader, Target
 from flux_lora.refs import (
     CivitaiModelRef,
     CivitaiVersionRef,
     DataUri,
-    HttpUrl,
     HuggingFaceRef,
     LocalFile,
-    ReplicateDeliveryUrl,
     ReplicateRef,
     Source,
     redact_url,
@@ -97,7 +95,7 @@ class Replicate(Provider):
         url = source.weights_url or f"{base}/{source.owner}/{source.model}{version}/_weights"
         same_origin = urlsplit(url)[:2] == urlsplit(base)[:2]  # the token goes to Replicate only
         return Target(
-            url, self.describe(source), _bearer(Settings.replicate_token()) if same_origin else {},
+            url, self.describe(source), _bearer(Settings.token("REPLICATE_API_TOKEN")) if same_origin else {},
             auth_hint="set REPLICATE_API_TOKEN to a token that can read this model",
             not_found_hint="check the owner, model and version names",
         )
@@ -231,8 +229,8 @@ _PROVIDERS: dict[type, Provider] = {
     HuggingFaceRef: HuggingFace(),
     CivitaiModelRef: CivitaiModel(),
     CivitaiVersionRef: CivitaiVersion(),
-    ReplicateDeliveryUrl: Provider(),
-    HttpUrl: Provider(),
+    refs.ReplicateDeliveryUrl: Provider(),
+    refs.HttpUrl: Provider(),
     DataUri: Data(),
     LocalFile: Local(),
 }
@@ -249,7 +247,7 @@ def _bearer(token: str | None) -> dict[str, str]:
 
 def _civitai_auth(url_token: str | None) -> dict[str, str]:
     """CIVITAI_API_TOKEN, else the `?token=` the user put in the reference: always a header, never the URL."""
-    return _bearer(Settings.civitai_token()) or _bearer(url_token)
+    return _bearer(Settings.token("CIVITAI_API_TOKEN")) or _bearer(url_token)
 
 
 def _civitai_download(url: str, what: str, version_id: object, url_token: str | None = None) -> Target:
