@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -123,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else os.environ.get("FLUX_LORA_LOG_LEVEL", "INFO"),
+        level=logging.DEBUG if args.verbose else Settings.log_level(),
         format="%(message)s",
     )
     try:

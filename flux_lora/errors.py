@@ -119,3 +119,7 @@ def for_cog(exc: UserError) -> Failure:
     if not (sep and _FIELD.fullmatch(field)):
         field, rest = Failure.field, str(exc)
     return _failure_type(field)(shorten(rest))
+
+
+class LoraError(UserError):
+    """A LoRA file we cannot apply: wrong architecture, empty, unsupported variant, bad shapes."""

@@ -1,21 +1,34 @@
-"""What went wrong talking to the Hugging Face Hub: one classification for the base-model store and the LoRA cache.
+"""The Hugging Face Hub: LoRA lookups and downloads, and what went wrong, for the base-model store and the LoRA cache.
 
 huggingface_hub raises typed errors for the Hub's answers, but lets its HTTP client's connection errors
 through untyped, and its `LocalEntryNotFoundError` ("no network and nothing cached") subclasses
 `EntryNotFoundError`, so a plain `except EntryNotFoundError` reads an outage as a missing file. Callers
 turn a `HubFailure` into their own user-facing error; nothing here knows about fields or models.
+The endpoint and token come from `Settings` at each call (HF_ENDPOINT, HF_TOKEN).
 """
 
 from __future__ import annotations
 
-import os
+import logging
 from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn
 
-from flux_lora.errors import plain_reason
+from flux_lora.errors import (
+    WeightsAuthError,
+    WeightsError,
+    WeightsNotFound,
+    WeightsTooLarge,
+    WeightsUnreachable,
+    plain_reason,
+)
+from flux_lora.settings import Settings
+from flux_lora.weightfile import choose_lora
+
+log = logging.getLogger(__name__)
 
 # The HTTP client huggingface_hub 2.x runs on (and the names it had before): its errors are connection failures.
 _CLIENT_MODULES = {"httpx", "httpx2", "httpcore", "httpcore2"}
-_TOKEN_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
 @dataclass(frozen=True)
@@ -32,10 +45,8 @@ class HubFailure:
 def scrub(text: str) -> str:
     """The first line of an error message with any Hub token from the environment masked."""
     line = text.strip().splitlines()[0] if text.strip() else ""
-    for name in _TOKEN_VARS:
-        secret = os.environ.get(name)
-        if secret:
-            line = line.replace(secret, "***")
+    for secret in Settings.hub_secrets():
+        line = line.replace(secret, "***")
     return line
 
 
@@ -78,3 +89,84 @@ def hub_failure(exc: BaseException) -> HubFailure | None:
     else:
         return None
     return HubFailure(kind, status, detail)
+
+
+# --- LoRAs on the Hub (the weight cache's Hugging Face source) ----------------------------------------------
+
+
+def hub_access() -> tuple[str | None, str | None]:
+    """The Hub endpoint and token (HF_ENDPOINT, HF_TOKEN), read at each call."""
+    return Settings.hub_endpoint(), Settings.token("HF_TOKEN")
+
+
+def hub_error(failure: HubFailure, what: str, revision: str | None, filename: str | None,
+              token: str | None) -> WeightsError:
+    """The user's error for a failed Hub call on a LoRA reference."""
+    if failure.kind == "gated":
+        return WeightsAuthError(f"{what} is gated: accept its terms on the Hub and set HF_TOKEN")
+    if failure.kind == "repo":
+        hint = "" if token else "; if it is private or gated, set HF_TOKEN"
+        return WeightsNotFound(f"{what}: repository not found{hint}")
+    if failure.kind == "revision":
+        return WeightsNotFound(f"{what}: revision {revision!r} not found")
+    if failure.kind == "entry":
+        return WeightsNotFound(f"{what}: file {filename!r} not found in the repository")
+    if failure.kind == "denied":
+        return WeightsAuthError(f"{what}: access denied (HTTP {failure.status}); set HF_TOKEN")
+    if failure.kind == "unreachable":
+        endpoint = Settings.hub_endpoint() or "https://huggingface.co"
+        return WeightsUnreachable(f"{what}: cannot reach the Hub at {endpoint} ({failure.detail})")
+    if failure.kind == "http":
+        return WeightsError(f"{what}: the Hub answered HTTP {failure.status}")
+    return WeightsError(f"{what}: download failed ({failure.detail})")
+
+
+def _raise(exc: Exception, what: str, revision: str | None, filename: str | None, token: str | None) -> NoReturn:
+    failure = hub_failure(exc)
+    if failure is None:
+        raise exc
+    raise hub_error(failure, what, revision, filename, token) from None
+
+
+def repo_sha(repo: str, revision: str | None, what: str, filename: str | None) -> str | None:
+    """The commit a branch or tag names now (one small request)."""
+    from huggingface_hub import HfApi
+
+    endpoint, token = hub_access()
+    try:
+        return HfApi(endpoint=endpoint, token=token).model_info(repo, revision=revision).sha
+    except Exception as exc:
+        _raise(exc, what, revision, filename, token)
+
+
+def download_lora(repo: str, revision: str | None, filename: str | None, staged: Path, max_bytes: int,
+                  what: str) -> Path:
+    """Download through huggingface_hub (HF_ENDPOINT, HF_TOKEN), choosing the file if not named."""
+    from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_download, hf_hub_url
+
+    endpoint, token = hub_access()
+    api = HfApi(endpoint=endpoint, token=token)
+    try:
+        sizes: dict[str, int | None] = {}
+        if filename is None:
+            files = [f for f in api.list_repo_tree(repo, revision=revision, recursive=True) if hasattr(f, "size")]
+            sizes = {f.path: f.size for f in files}
+
+            def names_of(path: str) -> list[str] | None:
+                meta = api.parse_safetensors_file_metadata(repo, path, revision=revision)
+                return list(meta.tensors)
+
+            filename = choose_lora(list(sizes), names_of, what)
+            log.info("%s: using %s", what, filename)
+        else:  # a named file: its size from a HEAD request, so the cap holds before any byte is fetched
+            url = hf_hub_url(repo, filename, revision=revision, endpoint=endpoint)
+            sizes[filename] = get_hf_file_metadata(url, token=token, endpoint=endpoint).size
+        size = sizes.get(filename)
+        if size is not None and size > max_bytes:
+            raise WeightsTooLarge(
+                f"{what}: {filename} is {size} bytes, over the {max_bytes}-byte limit (FLUX_LORA_MAX_DOWNLOAD_BYTES)"
+            )
+        return Path(hf_hub_download(repo, filename, revision=revision, local_dir=staged / "hub", endpoint=endpoint,
+                                    token=token))
+    except Exception as exc:
+        _raise(exc, what, revision, filename, token)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from flux_lora.errors import UserError
 from flux_lora.schema import PREDICTORS, load_predictor_class, openapi_schema
+from flux_lora.settings import Settings
 
 
 class InvalidInput(UserError):
@@ -67,7 +67,7 @@ def run_local(predictor: str, values: dict[str, Any], output_dir: Path) -> list[
     except ValueError as exc:
         raise InvalidInput(str(exc)) from None
     runner = cls()
-    runner.setup(weights=os.environ.get("COG_WEIGHTS") or None)
+    runner.setup(weights=Settings.cog_weights())
     paths = [Path(p) for p in asyncio.run(runner.run(**kwargs))]  # run is async: cog's concurrency (predict.py)
     output_dir.mkdir(parents=True, exist_ok=True)
     moved_dir = Path(shutil.move(str(paths[0].parent), output_dir)) if paths else output_dir

@@ -20,6 +20,7 @@ from PIL import ExifTags, Image
 from PIL.PngImagePlugin import PngInfo
 
 from flux_lora.errors import shorten
+from flux_lora.refs import shown
 
 if TYPE_CHECKING:
     from flux_lora.request import Request
@@ -49,7 +50,6 @@ def parameters_text(request: Request, width: int, height: int, index: int) -> st
     scale 1); everything else uses our input names. LoRA references are redacted as in the logs (no
     query strings, tokens or credentials; a data: URI only by its length); input images never appear.
     """
-    from flux_lora.lora import shown  # lazily: lora.py loads torch
 
     fields: dict[str, object] = {
         "Steps": request.num_inference_steps,

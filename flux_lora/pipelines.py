@@ -21,9 +21,10 @@ from diffusers import (
     FluxPipeline,
     FluxTransformer2DModel,
 )
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from flux_lora.request import InputError, Mode, Request, fit_input_size
+from flux_lora.inputs import Conditioning
+from flux_lora.request import Mode, PipelineKey, Request
 from flux_lora.store import DEV_DIR, SCHNELL_DIR
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ def pick_device(preferred: str | None = None) -> tuple[torch.device, torch.dtype
 
 @dataclass
 class Pipelines:
-    """The loaded models; `get(model, mode)` picks the entry point for a request."""
+    """The loaded models; `get(key, mode)` picks the entry point for a request."""
 
     text2img: dict[str, FluxPipeline]
     img2img: dict[str, FluxImg2ImgPipeline]
@@ -55,19 +56,11 @@ class Pipelines:
     def transformers(self) -> dict[str, FluxTransformer2DModel]:
         return {name: pipe.transformer for name, pipe in self.text2img.items()}
 
-    def get(self, model: str, mode: Mode, go_fast: bool = False) -> DiffusionPipeline:
+    def get(self, key: PipelineKey, mode: Mode) -> DiffusionPipeline:
         """The entry point for a request; go_fast covers every mode and size."""
-        source = self.fast if go_fast and self.fast is not None else self
+        source = self.fast if key.go_fast and self.fast is not None else self
         table = {Mode.TXT2IMG: source.text2img, Mode.IMG2IMG: source.img2img, Mode.INPAINT: source.inpaint}[mode]
-        return table[model]
-
-    def prepare(self, model: str, go_fast: bool) -> None:
-        """Put the transformer a request needs on the device (the bf16 slot; fp8 is always resident)."""
-        if self.residency is None:
-            return
-        runs = self.get(model, Mode.TXT2IMG, go_fast).transformer
-        if runs is self.text2img[model].transformer:
-            self.residency.ensure(model)
+        return table[key.model]
 
 
 def entry_points(text2img: dict[str, FluxPipeline], device: torch.device, dtype: torch.dtype) -> Pipelines:
@@ -174,56 +167,9 @@ def load_fast_pipelines(
     return result
 
 
-MAX_INPUT_PIXELS = 100_000_000  # a 100 MP photo decodes to 300 MB; larger inputs are refused before decoding
-
-
-def open_image(path: str, field: str, mode: str = "RGB") -> Image.Image:
-    """Read a user's image (EXIF orientation applied) or say which input is not an image."""
-    limit = f"the largest accepted is {MAX_INPUT_PIXELS // 10**6} megapixels"
-    try:
-        with Image.open(path) as img:
-            width, height = img.size  # read from the header: nothing is decoded yet
-            if width * height > MAX_INPUT_PIXELS:
-                raise InputError(field, f"is {width}x{height} pixels; {limit}")
-            img.load()
-            return ImageOps.exif_transpose(img).convert(mode)
-    except Image.DecompressionBombError as exc:  # Pillow's own check fires first, above twice its MAX_IMAGE_PIXELS
-        bomb = 2 * (Image.MAX_IMAGE_PIXELS or 0) // 10**6
-        raise InputError(field, f"is over {bomb} megapixels; {limit}") from exc
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        if isinstance(exc, InputError):
-            raise
-        raise InputError(field, "must be an image file (png, jpg, webp, ...); this one could not be read") from exc
-
-
-@dataclass(frozen=True)
-class Conditioning:
-    """The input image and mask, resized to the output size the request resolves to."""
-
-    width: int
-    height: int
-    image: Image.Image | None = None
-    mask: Image.Image | None = None
-
-
-def prepare_inputs(request: Request) -> Conditioning:
-    """Output size and conditioning images: img2img/inpaint follow the input image's size."""
-    if request.image is None:
-        assert request.width and request.height
-        return Conditioning(request.width, request.height)
-    image = open_image(request.image, "image")
-    width, height = fit_input_size(*image.size)
-    image = image.resize((width, height), Image.Resampling.LANCZOS)
-    mask = None
-    if request.mask is not None:
-        # Nearest-neighbour keeps a hard mask hard: white repaints, black keeps.
-        mask = open_image(request.mask, "mask", mode="L").resize((width, height), Image.Resampling.NEAREST)
-    return Conditioning(width, height, image, mask)
-
-
 def generate(pipelines: Pipelines, request: Request, cond: Conditioning, **extra: object) -> list[Image.Image]:
     """Run one batch of `num_outputs` images; the CPU generator makes seeds portable across runs."""
-    pipe = pipelines.get(request.model, request.mode, request.go_fast)
+    pipe = pipelines.get(request.key, request.mode)
     kwargs: dict[str, object] = dict(
         prompt=request.prompt,
         num_images_per_prompt=request.num_outputs,

@@ -56,6 +56,13 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "…" if parts.query else "", ""))
 
 
+def shown(ref: str) -> str:
+    """A reference as logs and errors may show it: no query strings, credentials or data: payloads."""
+    if ref.startswith("data:"):
+        return f"data: URI ({len(ref)} characters)"
+    return redact_url(ref)
+
+
 @dataclass(frozen=True)
 class ReplicateRef:
     """A Replicate model; its weights come from `{replicate}/{owner}/{model}[/versions/{v}]/_weights`."""

@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flux_lora.request import Request, build_request
+from flux_lora.errors import LoraError, UserError
+from flux_lora.refs import shown
+from flux_lora.request import LoraSpec, PipelineKey, Request, build_request, effective_scale
 from flux_lora.settings import Settings
 
 if TYPE_CHECKING:
-    from flux_lora.cache import WeightCache
+    from flux_lora.adapters import Wanted
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,7 @@ TRAINED = Variant("trained", main_lora_per_request=False)
 def _configure_logging() -> None:
     """Cog captures stdout/stderr as prediction logs; make our records reach them (FLUX_LORA_LOG_LEVEL)."""
     if not logging.getLogger().handlers:  # the flux-lora command line configures its own
-        level = os.environ.get("FLUX_LORA_LOG_LEVEL", "INFO").upper()
-        logging.basicConfig(level=level, format="%(message)s")
+        logging.basicConfig(level=Settings.log_level(), format="%(message)s")
 
 
 def baked_lora_ref(weights: str | Path | None, settings: Settings) -> str | None:
@@ -53,13 +53,16 @@ def baked_lora_ref(weights: str | Path | None, settings: Settings) -> str | None
     return str(weights)
 
 
-def _resolver(cache: WeightCache, baked_lora: str | None) -> Callable[[str], Path]:
-    """LoRA references to files; only the deployment's own COG_WEIGHTS may be a local path."""
+@dataclass(frozen=True)
+class LoraFile:
+    """A LoRA the request names, fetched: its slot, the input it came from, its reference, the local
+    file and the user's scale (before go_fast)."""
 
-    def resolve(ref: str) -> Path:
-        return cache.fetch(ref, allow_local=baked_lora is not None and ref.strip() == baked_lora.strip())
-
-    return resolve
+    slot: str
+    field: str
+    ref: str
+    path: Path
+    scale: float
 
 
 class _Stages:
@@ -88,16 +91,15 @@ class Service:
         with stages("imports"):  # torch and diffusers: the largest part of a warm cold start
             import torch
 
+            from flux_lora.adapters import DEFAULT_HOTSWAP_RANK, LoraManager
             from flux_lora.cache import WeightCache
             from flux_lora.fast import should_compile
-            from flux_lora.lora import DEFAULT_HOTSWAP_RANK, LoraManager
             from flux_lora.pipelines import load_fast_pipelines, load_pipelines, pick_device
             from flux_lora.safety import SafetyChecker
             from flux_lora.store import ensure_store
 
         self.variant = variant
         self.settings = settings
-        self.cache = WeightCache.from_settings(settings)
         self.baked_lora = baked_lora
         self.outputs_dir = Path(tempfile.mkdtemp(prefix="flux-lora-outputs-"))
         device, dtype = pick_device(settings.device)
@@ -113,25 +115,25 @@ class Service:
         compiled = should_compile(device, settings.compile)
         with stages("go_fast"):
             fast = load_fast_pipelines(self.pipelines, settings.weights_dir, compile_=compiled)
-        # One manager over the plain and the go_fast transformers (keys "dev", "dev:fast", ...) and the
-        # shared CLIP; where no fp8 runs, "dev:fast" is the plain module itself.
-        transformers = {**self.pipelines.transformers, **{f"{n}:fast": t for n, t in fast.transformers.items()}}
+        # One manager over the plain and the go_fast transformers and the shared CLIP; where no fp8 runs,
+        # the go_fast key holds the plain module itself.
+        self.transformers = {
+            **{PipelineKey(n, False): t for n, t in self.pipelines.transformers.items()},
+            **{PipelineKey(n, True): t for n, t in fast.transformers.items()},
+        }
+        self.cache = WeightCache.from_settings(settings)
         self.loras = LoraManager(
-            transformers,
+            self.transformers,
             self.pipelines.text2img["dev"].text_encoder,
-            _resolver(self.cache, baked_lora),
             memory_bytes=settings.lora_memory_bytes,
             # A compiled transformer takes new LoRAs by hot-swap into padded adapters: no recompilation.
             hotswap_rank=settings.lora_hotswap_rank or (DEFAULT_HOTSWAP_RANK if compiled else None),
         )
         if baked_lora is not None:  # load now: a broken COG_WEIGHTS fails setup, and stays resident
-            from flux_lora.request import LoraSpec
-
             with stages("COG_WEIGHTS LoRA"):
-                for key in transformers:
-                    go_fast = key.endswith(":fast")
-                    spec = LoraSpec(baked_lora, 1.0)
-                    self.loras.apply(key, self.loras.wanted(spec, None, go_fast, "COG_WEIGHTS"))
+                files = self.fetch_loras(LoraSpec(baked_lora, 1.0), None, "COG_WEIGHTS")
+                for key in self.transformers:
+                    self.apply_loras(key, files)
         log.info("Setup on %s: %s", device, stages)
 
     @classmethod
@@ -152,9 +154,50 @@ class Service:
                 inputs[key] = str(inputs[key])
         return build_request(main_lora=main, **inputs)
 
+    def fetch_loras(self, main: LoraSpec | None, extra: LoraSpec | None, main_field: str) -> list[LoraFile]:
+        """The weights stage: each LoRA the request names as a verified local file, through the cache.
+
+        Only the deployment's own COG_WEIGHTS may be a local path; the cache's errors name the input."""
+        out: list[LoraFile] = []
+        for slot, field, spec in (("main", main_field, main), ("extra", "extra_lora", extra)):
+            if spec is None:
+                continue
+            local = self.baked_lora is not None and spec.ref.strip() == self.baked_lora.strip()
+            try:
+                path = self.cache.fetch(spec.ref, allow_local=local)
+            except UserError as exc:  # the cache's own message, tied to the input it came from
+                raise LoraError(f"{field}: {exc}") from None
+            out.append(LoraFile(slot, field, spec.ref, path, spec.scale))
+        return out
+
+    @staticmethod
+    def wanted(files: list[LoraFile], go_fast: bool) -> list[Wanted]:
+        """The adapters to run: files and the scales they run at (go_fast's multiplier applied)."""
+        from flux_lora.adapters import Wanted
+
+        return [Wanted(f.slot, f.path, effective_scale(f.scale, go_fast), shown(f.ref)) for f in files]
+
+    def apply_loras(self, key: PipelineKey, files: list[LoraFile]) -> None:
+        """The adapters stage: `key`'s transformer runs exactly these files; a failure names its input."""
+        from flux_lora.adapters import SlotError
+
+        try:
+            self.loras.apply(key, self.wanted(files, key.go_fast))
+        except SlotError as exc:
+            field = next(f.field for f in files if f.slot == exc.slot)
+            raise LoraError(f"{field}: {exc}") from None
+
+    def _place(self, key: PipelineKey) -> None:
+        """The plain transformer into the one bf16 GPU slot before its adapters load: they move with it."""
+        residency = self.pipelines.residency
+        if residency is not None and self.transformers[key] is residency.modules.get(key.model):
+            residency.ensure(key.model)
+
     def predict(self, **inputs: Any) -> list[Path]:
+        """request -> inputs -> LoRA files (cache) -> adapters -> generate -> safety -> files."""
+        from flux_lora.inputs import prepare_inputs
         from flux_lora.outputs import label_batch, prune_outputs, save_images
-        from flux_lora.pipelines import generate, prepare_inputs
+        from flux_lora.pipelines import generate
         from flux_lora.safety import safe_images
 
         start = time.perf_counter()
@@ -162,10 +205,10 @@ class Service:
         log.info("Using seed: %d", request.seed)
         cond = prepare_inputs(request)  # a bad image fails before any LoRA is fetched
         main_field = "replicate_weights" if self.variant.main_lora_per_request else "COG_WEIGHTS"
-        key = f"{request.model}:fast" if request.go_fast else request.model
-        self.pipelines.prepare(request.model, request.go_fast)  # the bf16 slot first: adapters move with it
-        self.loras.apply(key, self.loras.wanted(request.main_lora, request.extra_lora, request.go_fast, main_field))
-        request = self._with_trigger_words(request, main_field)
+        files = self.fetch_loras(request.main_lora, request.extra_lora, main_field)
+        request = self._with_trigger_words(request, files)
+        self._place(request.key)
+        self.apply_loras(request.key, files)
         if request.go_fast and self.pipelines.fast is not None:
             log.info("go_fast: %s", self.pipelines.fast.fp8)
         images = generate(self.pipelines, request, cond)
@@ -180,15 +223,10 @@ class Service:
         )
         return paths
 
-    def _with_trigger_words(self, request: Request, main_field: str) -> Request:
+    def _with_trigger_words(self, request: Request, files: list[LoraFile]) -> Request:
         """Log the LoRAs' trigger words, warn when the prompt lacks one (FLUX_LORA_AUTO_TRIGGER prepends it)."""
-        from flux_lora.lora import shown
         from flux_lora.triggers import check_prompt
 
-        loras = [
-            (field, shown(spec.ref), self.cache.trigger_words(self.loras.resolve(spec.ref)))
-            for field, spec in ((main_field, request.main_lora), ("extra_lora", request.extra_lora))
-            if spec is not None
-        ]
+        loras = [(f.field, shown(f.ref), self.cache.trigger_words(f.path)) for f in files]
         prompt = check_prompt(request.prompt, loras, self.settings.auto_trigger)
         return request if prompt == request.prompt else replace(request, prompt=prompt)

@@ -62,6 +62,44 @@ class Settings:
     output_metadata: bool = True  # FLUX_LORA_OUTPUT_METADATA: 0 writes no generation parameters into images
     auto_trigger: bool = False  # FLUX_LORA_AUTO_TRIGGER: 1 prepends a LoRA's missing trigger words to the prompt
 
+    # Read at each call, never frozen at start: endpoints and tokens may change while the process runs.
+
+    @staticmethod
+    def log_level() -> str:
+        """FLUX_LORA_LOG_LEVEL: the level of our log records (INFO)."""
+        return (os.environ.get("FLUX_LORA_LOG_LEVEL") or "INFO").upper()
+
+    @staticmethod
+    def cog_weights() -> str | None:
+        """COG_WEIGHTS: the trained variant's LoRA, as `flux-lora predict` hands it to setup."""
+        return Settings.token("COG_WEIGHTS")
+
+    @staticmethod
+    def hub_endpoint() -> str | None:
+        """HF_ENDPOINT: a Hugging Face Hub mirror (None: huggingface.co)."""
+        return os.environ.get("HF_ENDPOINT") or None
+
+    @staticmethod
+    def hub_secrets() -> list[str]:
+        """Every Hub token in the environment (HF_TOKEN, HUGGING_FACE_HUB_TOKEN): masked in messages."""
+        return [v for v in (os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")) if v]
+
+    @staticmethod
+    def replicate_url() -> str:
+        """FLUX_LORA_REPLICATE_URL: where Replicate model references are fetched from."""
+        return (os.environ.get("FLUX_LORA_REPLICATE_URL") or "https://replicate.com").rstrip("/")
+
+    @staticmethod
+    def civitai_url() -> str:
+        """FLUX_LORA_CIVITAI_URL: where CivitAI references are resolved and fetched."""
+        return (os.environ.get("FLUX_LORA_CIVITAI_URL") or "https://civitai.com").rstrip("/")
+
+    @staticmethod
+    def token(name: str) -> str | None:
+        """A credential, None when unset: HF_TOKEN (private and gated Hub repos), REPLICATE_API_TOKEN (sent to
+        Replicate only), CIVITAI_API_TOKEN (sent to CivitAI as a header)."""
+        return os.environ.get(name) or None
+
     @classmethod
     def from_env(cls) -> Settings:
         weights = Path(os.environ.get("FLUX_LORA_WEIGHTS") or "weights")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from filelock import FileLock
 
 from flux_lora.errors import NotALoraError, UserError
 from flux_lora.hub import HubFailure, hub_failure
+from flux_lora.settings import Settings
 from flux_lora.weightfile import read_header
 
 log = logging.getLogger(__name__)
@@ -253,7 +253,7 @@ def download_command(root: Path, models: Sequence[str], safety: bool) -> str:
 
 def _endpoint() -> str:
     """The Hub to use: HF_ENDPOINT (a mirror, a test server) read now rather than at import time."""
-    return (os.environ.get("HF_ENDPOINT") or HUB_URL).rstrip("/")
+    return (Settings.hub_endpoint() or HUB_URL).rstrip("/")
 
 
 def _access_error(model: BaseModel, status: int | None) -> StoreError:

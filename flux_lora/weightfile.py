@@ -217,7 +217,12 @@ def _config_triggers(tar: tarfile.TarFile, members: dict[str, tarfile.TarInfo]) 
 
 
 def _safe_member(member: tarfile.TarInfo) -> bool:
-    """Regular files with relative, non-escaping names only: links and devices are never followed."""
+    """Regular files that tarfile's "data" extraction filter passes (no name escaping the destination, no
+    links or devices), and stricter still: no absolute name, `..` or drive part at all."""
+    try:
+        tarfile.data_filter(member, "/extract")
+    except tarfile.FilterError:
+        return False
     name = member.name
     parts = PurePosixPath(name).parts
     return member.isreg() and not name.startswith(("/", "\\")) and ".." not in parts and ":" not in parts[0]

@@ -27,7 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flux_lora import fast  # noqa: E402
-from flux_lora.pipelines import entry_points, generate, prepare_inputs  # noqa: E402
+from flux_lora.inputs import prepare_inputs  # noqa: E402
+from flux_lora.pipelines import entry_points, generate  # noqa: E402
 from flux_lora.request import build_request  # noqa: E402
 
 TFLOP_PER_DEV_STEP = 74.0  # FLUX.1-dev transformer, 1024x1024, one step (see NOTES.md)

@@ -23,8 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import lora_samples as S  # noqa: E402
 
-from flux_lora.lora import LoraManager  # noqa: E402
-from flux_lora.request import LoraSpec  # noqa: E402
+from flux_lora.adapters import LoraManager, Wanted  # noqa: E402
 
 
 def median_time(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
@@ -80,11 +79,12 @@ def main() -> int:
                                  workdir / f"{name}.safetensors")
         size_mb = files["a"].stat().st_size / 1e6
 
-        manager = LoraManager({"dev": tr}, pipe.text_encoder, resolve=lambda ref: files[ref])
+        manager = LoraManager({"dev": tr}, pipe.text_encoder)
 
         def use(main: str | None, extra: str | None = None, scale: float = 1.0) -> None:
-            manager.apply("dev", manager.wanted(LoraSpec(main, scale) if main else None,
-                                                LoraSpec(extra, 0.7) if extra else None, go_fast=False))
+            wanted = [Wanted(slot, files[name], s, name) for slot, name, s in (("main", main, scale),
+                                                                                ("extra", extra, 0.7)) if name]
+            manager.apply("dev", wanted)
 
         use("a"), use("b"), use("c")  # warm: every file read and converted once (the in-memory LRU)
         flip = iter(["a", "b"] * (args.repeats + 2))

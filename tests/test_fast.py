@@ -19,8 +19,9 @@ from PIL import Image
 
 from flux_lora import fast
 from flux_lora.fast import Fp8Mode, WarmupShape
-from flux_lora.pipelines import generate, load_fast_pipelines, load_pipelines, prepare_inputs
-from flux_lora.request import Mode, build_request
+from flux_lora.inputs import prepare_inputs
+from flux_lora.pipelines import generate, load_fast_pipelines, load_pipelines
+from flux_lora.request import Mode, PipelineKey, build_request
 from flux_lora.settings import Settings
 from flux_lora.tiny import make_tiny_store
 
@@ -113,7 +114,7 @@ def test_go_fast_quantizes_every_block_linear_and_shares_the_rest(pipelines):
         assert fast.quantized_linears(fast_t) == len(block_linears(fast_t)) > 0
         assert fast.quantized_linears(plain_t) == 0  # the plain path keeps its weights
         for mode in Mode:
-            pipe = pipelines.get(model, mode, go_fast=True)
+            pipe = pipelines.get(PipelineKey(model, go_fast=True), mode)
             assert pipe.transformer is fast_t
             assert pipe.vae is pipelines.text2img["dev"].vae
             assert pipe.text_encoder_2 is pipelines.text2img["dev"].text_encoder_2

@@ -23,10 +23,11 @@ from conftest import CogServer
 from fakes import FakeServer
 from PIL import Image
 
-from flux_lora.errors import UserError
-from flux_lora.lora import LoraError, LoraManager, ModelNames, Wanted, _Lru, convert_lora, effective_scale
-from flux_lora.request import LoraSpec
-from flux_lora.service import HOTSWAP, TRAINED, Service
+from flux_lora.adapters import LoraManager, Wanted, _Lru
+from flux_lora.errors import LoraError, UserError
+from flux_lora.lora_formats import ModelNames, convert_lora
+from flux_lora.request import LoraSpec, PipelineKey, effective_scale
+from flux_lora.service import HOTSWAP, TRAINED, LoraFile, Service
 from flux_lora.settings import Settings
 from flux_lora.tiny import make_tiny_store
 
@@ -133,6 +134,36 @@ def url(server: FakeServer, name: str) -> str:
     return f"{server.url}/{name}.safetensors"
 
 
+# --------------------------------------------------------------------------- one request, read top to bottom
+
+STAGES = {"request": 0, "inputs": 0, "cache": 1, "sources": 1, "adapters": 2, "lora_formats": 2, "pipelines": 3,
+          "safety": 4, "outputs": 5}
+
+
+def test_a_prediction_runs_its_stages_in_order(service, server, input_image):
+    """request and inputs -> the LoRA files (cache, sources) -> adapters -> pipelines -> safety -> outputs:
+    the first call into each flux_lora module during one prediction, recorded as it happens."""
+    import sys
+
+    package = str(Path(__file__).resolve().parent.parent / "flux_lora")
+    first: list[str] = []
+
+    def record(frame, event, arg) -> None:
+        name = frame.f_code.co_filename
+        if event == "call" and name.startswith(package):
+            module = Path(name).stem
+            if module not in first:
+                first.append(module)
+
+    sys.setprofile(record)
+    try:
+        run(service, input_image, replicate_weights=url(server, "mixture"))
+    finally:
+        sys.setprofile(None)
+    order = [STAGES[m] for m in first if m in STAGES]
+    assert order == sorted(order), first
+    assert set(STAGES) - {"lora_formats"} <= set(first), first  # formats: only when not converted before
+
 # --------------------------------------------------------------------------- formats
 
 
@@ -176,7 +207,7 @@ def test_main_plus_extra_differs_from_each_alone(service, server, input_image):
 
 def test_same_lora_as_main_and_extra_counts_once(service, server, input_image, caplog):
     main = run(service, input_image, replicate_weights=url(server, "peft"))
-    with caplog.at_level(logging.WARNING, logger="flux_lora.lora"):
+    with caplog.at_level(logging.WARNING, logger="flux_lora.adapters"):
         twice = run(service, input_image, replicate_weights=url(server, "peft"), extra_lora=url(server, "peft"))
     assert np.array_equal(main, twice)
     assert "same LoRA" in caplog.text
@@ -194,7 +225,8 @@ def test_scale_only_change_changes_the_image_without_reloading(service, server, 
 
 def test_go_fast_keeps_the_requested_scales(service):
     """Issue #13: adapters stay unmerged on the fp8 linears, so no 1.5x (the reference's fp8-merge make-up)."""
-    wanted = service.loras.wanted(LoraSpec("a", 0.8), LoraSpec("b", -1.0), go_fast=True)
+    wanted = Service.wanted([LoraFile("main", "replicate_weights", "a", Path("a"), 0.8),
+                             LoraFile("extra", "extra_lora", "b", Path("b"), -1.0)], go_fast=True)
     assert [(w.slot, w.scale) for w in wanted] == [("main", 0.8), ("extra", -1.0)]
     assert effective_scale(0.8, go_fast=False) == effective_scale(0.8, go_fast=True) == 0.8
 
@@ -206,7 +238,8 @@ def test_go_fast_runs_the_fast_transformer_at_the_requested_scales(service, serv
     image = run(service, input_image, go_fast=True, replicate_weights=url(server, "peft"), lora_scale=1.0,
                 extra_lora=url(server, "b"), extra_lora_scale=-0.4)
     assert differs(image, base)
-    layers = [m for m in service.loras.transformers["dev:fast"].modules() if isinstance(m, BaseTunerLayer)]
+    fast = service.loras.transformers[PipelineKey("dev", go_fast=True)]
+    layers = [m for m in fast.modules() if isinstance(m, BaseTunerLayer)]
     scales = {(name, round(float(layer.scaling[name]), 6)) for layer in layers for name in layer.active_adapters}
     assert scales == {("main", 1.0), ("extra", -0.4)}  # issue #13: no 1.5x under go_fast
 
@@ -270,7 +303,7 @@ def test_lycoris_is_rejected_and_t5_parts_are_skipped(service, caplog):
     lora = S.as_kohya(S.random_lora(dev.transformer, 1, only=("img_attn.proj",)))
     lora["lora_te2_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight"] = torch.ones(4, 32)
     lora["lora_te2_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight"] = torch.ones(32, 4)
-    with caplog.at_level(logging.WARNING, logger="flux_lora.lora"):
+    with caplog.at_level(logging.WARNING, logger="flux_lora.lora_formats"):
         converted = convert_lora(lora, names)
     assert len(converted.transformer) == 2 and "T5" in caplog.text
 
@@ -310,14 +343,14 @@ def test_hotswap_into_padded_adapters_matches_the_plain_path(settings, server, i
     svc = Service(HOTSWAP, dataclasses.replace(settings, lora_hotswap_rank=8), None)
     run(svc, input_image, replicate_weights=url(server, "xlabs"))
     loads = svc.loras.loads
-    with caplog.at_level(logging.WARNING, logger="flux_lora.lora"):
+    with caplog.at_level(logging.WARNING, logger="flux_lora.adapters"):
         swapped = run(svc, input_image, replicate_weights=url(server, "attn_b"))
     assert "slow path" not in caplog.text and svc.loras.loads == loads + 1
     assert np.abs(swapped - run(service, input_image, replicate_weights=url(server, "attn_b"))).max() <= 1
     # No LoRA on a hot-swap model zeroes the adapter instead of removing it: still the base image.
     assert np.array_equal(run(svc, input_image), service.base)
     # A LoRA on modules the first one did not target (MLPs) cannot hot-swap: slow path, logged.
-    with caplog.at_level(logging.WARNING, logger="flux_lora.lora"):
+    with caplog.at_level(logging.WARNING, logger="flux_lora.adapters"):
         run(svc, input_image, replicate_weights=url(server, "peft"))
     assert "slow path" in caplog.text
 
@@ -325,15 +358,16 @@ def test_hotswap_into_padded_adapters_matches_the_plain_path(settings, server, i
 def test_manager_reloads_nothing_when_references_repeat(store, service, server, monkeypatch):
     from diffusers import FluxTransformer2DModel
 
-    from flux_lora import lora as lora_mod
+    from flux_lora import adapters
 
     transformer = FluxTransformer2DModel.from_pretrained(store / "FLUX.1-schnell", subfolder="transformer")
     reads: list[Path] = []
-    read_lora = lora_mod.read_lora
-    monkeypatch.setattr(lora_mod, "read_lora", lambda path: reads.append(path) or read_lora(path))
-    manager = LoraManager({"schnell": transformer}, None, service.loras.resolve)
+    read_lora = adapters.read_lora
+    monkeypatch.setattr(adapters, "read_lora", lambda path: reads.append(path) or read_lora(path))
+    manager = LoraManager({"schnell": transformer}, None)
     for ref in ("peft", "peft", "b", "peft", "b"):
-        manager.apply("schnell", manager.wanted(LoraSpec(url(server, ref), 1.0), None, go_fast=False))
+        files = service.fetch_loras(LoraSpec(url(server, ref), 1.0), None, "replicate_weights")
+        manager.apply("schnell", service.wanted(files, go_fast=False))
     assert manager.loads == 4  # the repeat loads nothing; each switch loads from memory
     assert len(reads) == 2  # each file read and converted once
 
@@ -344,8 +378,8 @@ def test_manager_reads_a_file_replaced_at_the_same_path_again(store, loras, tmp_
 
     transformer = FluxTransformer2DModel.from_pretrained(store / "FLUX.1-schnell", subfolder="transformer")
     path = tmp_path / "mine.safetensors"
-    manager = LoraManager({"schnell": transformer}, None, Path)
-    wanted = manager.wanted(LoraSpec(str(path), 1.0), None, go_fast=False)
+    manager = LoraManager({"schnell": transformer}, None)
+    wanted = [Wanted("main", path, 1.0, "mine")]
     save_file(loras["peft"], path)
     manager.apply("schnell", wanted)
     manager.apply("schnell", wanted)
@@ -477,10 +511,9 @@ def test_the_same_file_under_two_references_counts_once(store, loras, tmp_path):
     transformer = FluxTransformer2DModel.from_pretrained(store / "FLUX.1-schnell", subfolder="transformer")
     path = tmp_path / "mine.safetensors"
     save_file(loras["peft"], path)
-    spellings = {"owner/model": path, "https://replicate.com/owner/model": path}
-    manager = LoraManager({"schnell": transformer}, None, spellings.__getitem__)
-    manager.apply("schnell", manager.wanted(LoraSpec("owner/model", 1.0),
-                                            LoraSpec("https://replicate.com/owner/model", 0.5), go_fast=False))
+    manager = LoraManager({"schnell": transformer}, None)  # the cache gave both spellings the same file
+    manager.apply("schnell", [Wanted("main", path, 1.0, "owner/model"),
+                              Wanted("extra", path, 0.5, "https://replicate.com/owner/model")])
     assert manager.loads == 1
     layers = [m for m in transformer.modules() if hasattr(m, "lora_A") and "main" in m.lora_A]
     assert layers and all("extra" not in m.lora_A for m in layers)
@@ -493,7 +526,6 @@ def test_compiled_transformer_swaps_main_and_extra_of_any_rank_without_recompili
 
     from flux_lora import fast
     from flux_lora.fast import WarmupShape
-    from flux_lora.lora import Wanted
     from flux_lora.tiny import tiny_transformer
 
     torch._dynamo.reset()
@@ -501,11 +533,11 @@ def test_compiled_transformer_swaps_main_and_extra_of_any_rank_without_recompili
     files = {name: S.save(S.as_peft(S.random_lora(transformer, seed, rank=rank), transformer),
                           tmp_path / f"{name}.safetensors")
              for name, seed, rank in (("a", 1, 4), ("b", 2, 2), ("c", 3, 8), ("d", 4, 6), ("big", 5, 16))}
-    manager = LoraManager({"dev": transformer}, None, files.__getitem__, hotswap_rank=8)
+    manager = LoraManager({"dev": transformer}, None, hotswap_rank=8)
 
     def both(main: str, extra: str | None, main_scale: float = 1.0, extra_scale: float = 1.0) -> list[Wanted]:
-        out = [Wanted("main", "replicate_weights", main, main_scale)]
-        return out + ([Wanted("extra", "extra_lora", extra, extra_scale)] if extra else [])
+        out = [Wanted("main", files[main], main_scale, main)]
+        return out + ([Wanted("extra", files[extra], extra_scale, extra)] if extra else [])
 
     def call() -> torch.Tensor:
         with torch.inference_mode():
@@ -524,7 +556,7 @@ def test_compiled_transformer_swaps_main_and_extra_of_any_rank_without_recompili
             outputs.append(call())
     assert all(not torch.equal(x, y) for x, y in zip(outputs[:-2], outputs[1:-1], strict=True))
     torch.testing.assert_close(outputs[-1], first)  # back to a+b: the same numbers as before the swaps
-    with caplog.at_level(logging.WARNING, logger="flux_lora.lora"):
+    with caplog.at_level(logging.WARNING, logger="flux_lora.adapters"):
         manager.apply("dev", both("big", "b"))
     assert "rank 16, above the hot-swap rank 8" in caplog.text
     assert not torch.equal(call(), first)
@@ -535,8 +567,8 @@ def test_a_second_clip_adapter_prints_no_load_report(service):
     dev = service.pipelines.text2img["dev"]
     te = dev.text_encoder
     files = {"a": S.clip_lora(te, 1), "b": S.clip_lora(te, 2)}
-    manager = LoraManager({"dev": dev.transformer}, te, lambda ref: ref)
-    manager.converted = lambda ref, field: (ref, convert_lora(files[ref], manager.names))  # no files needed
+    manager = LoraManager({"dev": dev.transformer}, te)
+    manager.converted = lambda path, name: (path, convert_lora(files[path], manager.names))  # no files needed
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append
@@ -544,7 +576,7 @@ def test_a_second_clip_adapter_prints_no_load_report(service):
     source.addHandler(handler)
     try:
         # Slots of their own: the service's adapters already sit on this shared text encoder.
-        manager.apply("dev", [Wanted("first", "x", "a", 1.0), Wanted("second", "extra_lora", "b", 1.0)])
+        manager.apply("dev", [Wanted("first", "a", 1.0, "a"), Wanted("second", "b", 1.0, "b")])
         assert not [r for r in records if "LOAD REPORT" in r.getMessage()]
     finally:
         source.removeHandler(handler)
