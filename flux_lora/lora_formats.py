@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from flux_lora.errors import LoraError
-from flux_lora.lora_names import ModelNames, Part, flat
+from flux_lora.lora_names import ModelNames, Part, flat_name
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def _reject_variants(keys: list[str]) -> None:
 
 
 def _foreign_architecture(stems: Iterable[str]) -> str | None:
-    flat = [flat(s) for s in stems]
+    flat = [flat_name(s) for s in stems]
     for marker, arch in _FOREIGN:
         if any(marker in s for s in flat):
             return arch
@@ -254,7 +254,7 @@ def convert_lora(
         else:
             table, linears, target = names.transformer, names.transformer_linears, out.transformer
             name, component = _strip(stem, _TRANSFORMER_PREFIXES) or stem, "transformer"
-        parts = table.get(flat(name))
+        parts = table.get(flat_name(name))
         if parts is None:
             unmatched.append(stem)
             continue

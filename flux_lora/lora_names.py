@@ -17,7 +17,8 @@ from torch import nn
 _CLIP_TEXT_MODEL = "text_model."
 
 
-def flat(name: str) -> str:
+def flat_name(name: str) -> str:
+    """A module name as kohya and friends flatten it (dots become underscores)."""
     return name.replace(".", "_")
 
 
@@ -114,11 +115,11 @@ class ModelNames:
     @classmethod
     def of(cls, transformer: nn.Module, text_encoder: nn.Module | None) -> ModelNames:
         t_lin = _linears(transformer)
-        t_table = {flat(name): [Part(name)] for name in t_lin}
-        t_table.update({flat(name): parts for name, parts in _bfl_table(t_lin).items()})
+        t_table = {flat_name(name): [Part(name)] for name in t_lin}
+        t_table.update({flat_name(name): parts for name, parts in _bfl_table(t_lin).items()})
         c_lin = _linears(text_encoder) if text_encoder is not None else {}
         c_table = {}
         for name in c_lin:  # each CLIP module under both spellings, whichever the loaded transformers uses
             bare = name.removeprefix(_CLIP_TEXT_MODEL)
-            c_table[flat(bare)] = c_table[flat(_CLIP_TEXT_MODEL + bare)] = [Part(name)]
+            c_table[flat_name(bare)] = c_table[flat_name(_CLIP_TEXT_MODEL + bare)] = [Part(name)]
         return cls(t_table, t_lin, c_table, c_lin)

@@ -75,9 +75,14 @@ def parameters_text(request: Request, width: int, height: int, index: int) -> st
     return f"{request.prompt}\n{line}"
 
 
-def label_batch(images: list[Image.Image], request: Request, width: int, height: int) -> None:
-    """Attach each image's parameters while its batch index is known (the safety checker may drop some)."""
-    for index, image in enumerate(images):
+def label_batch(
+    images: list[Image.Image], request: Request, width: int, height: int, batch: list[Image.Image] | None = None
+) -> None:
+    """Attach each image's parameters; its index is its place in the generated `batch` (the safety checker
+    may have dropped some of it), so image k of a batch is reproducible from its file alone."""
+    batch = images if batch is None else batch
+    for image in images:
+        index = next(i for i, generated in enumerate(batch) if generated is image)
         image.info[PARAMETERS] = parameters_text(request, width, height, index)
 
 

@@ -212,10 +212,10 @@ class Service:
         if request.go_fast and self.pipelines.fast is not None:
             log.info("go_fast: %s", self.pipelines.fast.fp8)
         images = generate(self.pipelines, request, cond)
-        if self.settings.output_metadata:  # before the safety checker: each image keeps its batch index
-            label_batch(images, request, cond.width, cond.height)
-        images = safe_images(images, self.safety, disabled=request.disable_safety_checker)
-        paths = save_images(images, request.output_format, request.output_quality, parent=self.outputs_dir)
+        kept = safe_images(images, self.safety, disabled=request.disable_safety_checker)
+        if self.settings.output_metadata:
+            label_batch(kept, request, cond.width, cond.height, batch=images)
+        paths = save_images(kept, request.output_format, request.output_quality, parent=self.outputs_dir)
         prune_outputs(self.outputs_dir, keep=KEEP_OUTPUTS)
         log.info(
             "Generated %d image(s) at %dx%d (%s, %s) in %.2fs",

@@ -161,7 +161,7 @@ def test_a_prediction_runs_its_stages_in_order(service, server, input_image):
     finally:
         sys.setprofile(None)
     order = [STAGES[m] for m in first if m in STAGES]
-    assert order == sorted(order), first
+    assert order == sorted(order), " -> ".join(first)
     assert set(STAGES) - {"lora_formats"} <= set(first), first  # formats: only when not converted before
 
 # --------------------------------------------------------------------------- formats
