@@ -286,7 +286,7 @@ def run_cases(client: Client, cases: list[Case], warmup: int, rss_now: Callable[
         if i == warmup:
             rss["after warm-up"] = rss_now()
         if i % 25 == 0:
-            print(f"  {i}/{len(cases)} requests", file=sys.stderr)
+            print(f"  {i}/{len(cases)} requests, server resident {rss_now() / 2**20:.0f} MiB", file=sys.stderr)
     rss.setdefault("after warm-up", rss_now())
     return results
 
