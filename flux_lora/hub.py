@@ -170,3 +170,25 @@ def download_lora(repo: str, revision: str | None, filename: str | None, staged:
                                     token=token))
     except Exception as exc:
         _raise(exc, what, revision, filename, token)
+
+
+def token_configured() -> bool:
+    """Whether a Hub token is set (HF_TOKEN or a saved login): decides what a gated refusal means."""
+    from huggingface_hub import get_token
+
+    return get_token() is not None
+
+
+def download_snapshot(repo_id: str, endpoint: str, folder: Path, allow: list[str], ignore: list[str]) -> str:
+    """Fetch a base model's files into `folder` (resumable) at the commit `repo_id` names now; return it.
+
+    The commit is resolved first: snapshot_download would otherwise hide an access error behind a
+    partial local folder, and the commit goes in the store's completion marker. Errors pass through
+    untranslated: the store turns them into its own messages with `hub_failure`.
+    """
+    from huggingface_hub import HfApi, snapshot_download
+
+    revision = HfApi(endpoint=endpoint).repo_info(repo_id).sha
+    snapshot_download(repo_id, revision=revision, local_dir=folder, allow_patterns=allow, ignore_patterns=ignore,
+                      endpoint=endpoint)
+    return revision

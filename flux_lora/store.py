@@ -18,7 +18,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from flux_lora.errors import NotALoraError, UserError
-from flux_lora.hub import HubFailure, hub_failure
+from flux_lora.hub import HubFailure, download_snapshot, hub_failure, token_configured
 from flux_lora.settings import Settings
 from flux_lora.weightfile import read_header
 
@@ -258,10 +258,8 @@ def _endpoint() -> str:
 
 def _access_error(model: BaseModel, status: int | None) -> StoreError:
     """Why a gated repo refused us, and the two things to do about it."""
-    from huggingface_hub import get_token
-
     page = f"{_endpoint()}/{model.repo_id}"
-    if get_token() is None:
+    if not token_configured():
         return StoreError(
             f"{model.repo_id} is gated: set HF_TOKEN to a Hugging Face access token (read access) "
             f"and accept the licence on {page}"
@@ -305,8 +303,6 @@ def download_model(root: Path, model: BaseModel) -> None:
     an interrupted run resumes where it stopped; a dropped connection mid-file resumes with a range
     request. Another process downloading the same model is waited for, not raced.
     """
-    from huggingface_hub import HfApi, snapshot_download
-
     folder = root / model.folder
     _quiet_http_logs()
     (root / LOCKS_DIR).mkdir(parents=True, exist_ok=True)
@@ -325,16 +321,8 @@ def download_model(root: Path, model: BaseModel) -> None:
         log.info("%s: downloading %s from %s", model.folder, model.repo_id, endpoint)
         started = time.monotonic()
         try:
-            # Resolve the commit first: snapshot_download would otherwise hide an access error behind a
-            # partial local folder, and the commit goes in the completion marker.
-            revision = HfApi(endpoint=endpoint).repo_info(model.repo_id).sha
-            snapshot_download(
-                model.repo_id,
-                revision=revision,
-                local_dir=folder,
-                allow_patterns=list(model.allow_patterns),
-                ignore_patterns=list(_IGNORE_PATTERNS),
-                endpoint=endpoint,
+            revision = download_snapshot(
+                model.repo_id, endpoint, folder, list(model.allow_patterns), list(_IGNORE_PATTERNS)
             )
         except Exception as exc:
             failure = hub_failure(exc)
