@@ -12,7 +12,9 @@ that request finds a free one; predict.py still runs one prediction at a time on
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from flux_lora.schema import PREDICT_FILE, PREDICTORS, write_schema
@@ -39,3 +41,19 @@ def serve(predictor: str, host: str = "127.0.0.1", port: int = 5000, upload_url:
     sys.stdout.flush()
     os.execve(sys.executable, argv, env)
     return 0  # not reached
+
+
+def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 300) -> bool:
+    """Wait until the cog server at `url` has finished setup (its /health-check status is READY: it
+    answers 200 while setting up too). False when `proc` exited first or `timeout` passed."""
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and (proc is None or proc.poll() is None):
+        try:
+            if requests.get(f"{url}/health-check", timeout=2).json().get("status") == "READY":
+                return True
+        except (requests.ConnectionError, requests.Timeout, ValueError):
+            pass
+        time.sleep(0.5)
+    return False

@@ -9,17 +9,7 @@ from pathlib import Path
 
 import requests
 
-
-def wait_ready(url: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{url}/health-check", timeout=2).json().get("status") == "READY":
-                return
-        except (requests.ConnectionError, requests.Timeout, ValueError):
-            pass
-        time.sleep(1)
-    sys.exit(f"server at {url} not ready after {timeout:.0f}s (see outputs/server.log)")
+from flux_lora.server import wait_ready
 
 
 def predict(url: str, out: Path, name: str, **inputs: object) -> list[Path]:
@@ -42,7 +32,8 @@ def predict(url: str, out: Path, name: str, **inputs: object) -> list[Path]:
 
 def main(url: str, out_dir: str) -> None:
     out = Path(out_dir)
-    wait_ready(url)
+    if not wait_ready(url):
+        sys.exit(f"server at {url} not ready (see outputs/server.log)")
     (first,) = predict(url, out, "txt2img", prompt="a photo of a red car on a city street", aspect_ratio="3:2",
                        megapixels="0.25", num_inference_steps=4, seed=42, output_format="png")
     image = "data:image/png;base64," + base64.b64encode(first.read_bytes()).decode()

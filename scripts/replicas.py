@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import requests
+from flux_lora.server import wait_ready
 
 
 def main() -> int:
@@ -44,14 +44,7 @@ def main() -> int:
     urls = [f"http://127.0.0.1:{args.port + i}" for i in range(args.replicas)]
     try:
         for url, proc in zip(urls, procs, strict=True):
-            while proc.poll() is None:
-                try:
-                    if requests.get(f"{url}/health-check", timeout=2).json().get("status") == "READY":
-                        break
-                except (requests.ConnectionError, requests.Timeout, ValueError):
-                    pass
-                time.sleep(0.5)
-            print(f"{url}  {'ready' if proc.poll() is None else 'exited (see its server.log)'}")
+            print(f"{url}  {'ready' if wait_ready(url, proc, timeout=600) else 'not ready (see its server.log)'}")
         print(f"store {env['FLUX_LORA_WEIGHTS']}, LoRA cache {env['FLUX_LORA_CACHE']}, logs under {work}")
         print("Ctrl-C stops them")
         while all(p.poll() is None for p in procs):

@@ -206,20 +206,6 @@ def outcome_ok(case: Case, outcome: str, detail: str) -> bool:
     return outcome == case.expect
 
 
-def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"server exited during setup:\n{log.read_text()[-3000:]}")
-        try:
-            if requests.get(f"{url}/health-check", timeout=2).json().get("status") == "READY":
-                return
-        except (requests.ConnectionError, requests.Timeout, ValueError):
-            pass
-        time.sleep(0.5)
-    sys.exit(f"server not ready after {timeout:.0f}s:\n{log.read_text()[-3000:]}")
-
-
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -234,6 +220,7 @@ def main() -> int:
     parser.add_argument("--store", type=Path, help="a store to use (default: a tiny one in a temp dir)")
     args = parser.parse_args()
 
+    from flux_lora.server import wait_ready
     from flux_lora.tiny import make_tiny_store
 
     work = Path(tempfile.mkdtemp(prefix="flux-soak-"))
@@ -256,7 +243,8 @@ def main() -> int:
         )
         url = f"http://127.0.0.1:{port}"
         try:
-            wait_ready(url, proc, log)
+            if not wait_ready(url, proc):
+                sys.exit(f"server not ready:\n{log.read_text()[-3000:]}")
             rss = {"start": process_rss(proc.pid)}
             results = run_cases(Client(url), cases, args.warmup, lambda: process_rss(proc.pid), rss)
             rss["end"] = process_rss(proc.pid)
