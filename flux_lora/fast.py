@@ -185,19 +185,24 @@ def build_fast_transformer(
         raise ValueError("build_fast_transformer needs an fp8 mode; the plain path reuses the plain transformer")
     path = prequantized_path(store, model, mode, dtype, source)
     with FileLock(str(path) + ".lock"):
-        if path.is_file():
-            with torch.device("meta"):
-                transformer = make_empty()
-            state = torch.load(path, map_location=device, weights_only=True, mmap=True)
-            transformer.load_state_dict(state, assign=True)
-            log.info("go_fast: loaded pre-quantized %s (%s) in %.1fs", model, mode.value, time.perf_counter() - start)
-            return transformer.eval(), mode
-        transformer = load_plain().eval()
-        ran = quantize_transformer(transformer, mode, device)
-        if ran is not Fp8Mode.NONE and save:
+        if not path.is_file():
+            transformer = load_plain().eval()
+            ran = quantize_transformer(transformer, mode, device)
+            log.info("go_fast: quantized %s (%s) in %.1fs", model, ran.value, time.perf_counter() - start)
+            if ran is Fp8Mode.NONE or not save:
+                return transformer, ran
             _save_atomic(transformer.state_dict(), path, model)
-    log.info("go_fast: quantized %s (%s) in %.1fs", model, ran.value, time.perf_counter() - start)
-    return transformer, ran
+            del transformer  # the copy on disk replaces it (below): never two on the device
+        # Every cold start runs the copy on disk, the first one included, so all hold the same tensors
+        # with the same layout and alignment (CPU kernels round differently on differently aligned
+        # data) and the same flags: one state whatever the cold start, as compiled graphs guard on it.
+        with torch.device("meta"):
+            transformer = make_empty()
+        state = torch.load(path, map_location=device, weights_only=True, mmap=True)
+        transformer.load_state_dict(state, assign=True)
+        transformer.requires_grad_(False)
+        log.info("go_fast: loaded pre-quantized %s (%s) in %.1fs", model, mode.value, time.perf_counter() - start)
+        return transformer.eval(), mode
 
 
 def quantized_copy(transformer: nn.Module, mode: Fp8Mode) -> tuple[nn.Module, Fp8Mode]:
