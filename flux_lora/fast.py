@@ -223,9 +223,15 @@ def should_compile(device: torch.device, requested: bool | None) -> bool:
 
 def configure_compile_cache(store: Path) -> Path:
     """Point inductor's and triton's on-disk caches into the weights store (an operator's env wins)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     root = fast_dir(store) / "compile-cache"
     root.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
+    # Importing torch/diffusers already set TORCHINDUCTOR_CACHE_DIR to inductor's shared temp default,
+    # so only a different value is an operator's choice; the default is replaced.
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if chosen is None or os.path.abspath(chosen) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
     os.environ.setdefault("TRITON_CACHE_DIR", str(root / "triton"))
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")

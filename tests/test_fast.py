@@ -269,6 +269,17 @@ def test_compile_cache_lives_under_the_store(tmp_path: Path, monkeypatch: pytest
     assert Path(os.environ["TRITON_CACHE_DIR"]).is_relative_to(root)
 
 
+def test_compile_cache_replaces_the_default_inductor_set_at_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from torch._inductor.runtime.cache_dir_utils import cache_dir, default_cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what importing diffusers leaves
+    fast.configure_compile_cache(tmp_path)
+    assert Path(cache_dir()).is_relative_to(tmp_path / fast.FAST_DIR)  # where inductor itself now writes
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "operator"))  # an operator's own choice wins
+    fast.configure_compile_cache(tmp_path)
+    assert cache_dir() == str(tmp_path / "operator")
+
+
 def test_standard_sizes_are_all_warmed():
     from flux_lora.request import ASPECT_RATIOS, MEGAPIXELS, size_for_aspect_ratio
 
