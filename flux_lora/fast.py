@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -264,11 +265,20 @@ def save_compile_artefacts(store: Path, tag: str) -> Path | None:
         return None
     data, _info = saved
     path = _artefacts_path(store, tag)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".incomplete")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_atomic(path, data)
     return path
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write beside `path` under a name of this writer's own, then rename: replicas that start together
+    on one shared store each write a whole file and the last rename wins; no reader sees a partial one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex}.incomplete")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def compile_transformer(transformer: nn.Module, backend: str = "inductor") -> None:

@@ -280,6 +280,23 @@ def test_compile_cache_replaces_the_default_inductor_set_at_import(tmp_path: Pat
     assert cache_dir() == str(tmp_path / "operator")
 
 
+def test_compile_artefacts_written_by_replicas_at_once_stay_whole(tmp_path: Path):
+    """Replicas starting together save their compile cache to one path on the shared store."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = tmp_path / "fast" / "compile-cache" / "mega.bin"
+    payloads = [bytes([i]) * (1 << 20) for i in range(8)]
+
+    def save(data: bytes) -> None:
+        for _ in range(5):
+            fast.write_atomic(path, data)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(save, payloads))  # a shared temp name raised here (FileNotFoundError) or mixed files
+    assert path.read_bytes() in payloads
+    assert [p.name for p in path.parent.iterdir()] == ["mega.bin"]
+
+
 def test_standard_sizes_are_all_warmed():
     from flux_lora.request import ASPECT_RATIOS, MEGAPIXELS, size_for_aspect_ratio
 
