@@ -1,11 +1,17 @@
-"""Adapter slots on the loaded transformers and the shared CLIP: load, hot-swap, pad, scale, keep in memory.
+"""Adapter slots on the loaded transformers and the shared CLIP: load, reserve, copy in, scale, keep in memory.
 
 `LoraManager` takes local files and scales, nothing else: where a file came from (the weight cache)
 and which request input named it (the service) are not its business. It keeps adapters resident per
 component (the transformers, one shared CLIP): a request whose files did not change only sets scales;
-converted state dicts stay in a bounded LRU so switching back costs no disk or conversion; with
-`hotswap_rank` the transformers take new LoRAs by hot-swapping weights into padded adapters, so a
-torch.compile'd transformer does not recompile.
+converted state dicts stay in a bounded LRU so switching back costs no disk or conversion.
+
+Two kinds of transformer:
+- plain ones (and uncompiled go_fast ones) load each LoRA at its own rank on the layers it targets;
+- a transformer that will be torch.compile'd gets both slots *reserved* before compiling: zero
+  adapters of one rank on every linear any LoRA format can target. A LoRA is then copied into those
+  weights (zeros where it has no layer or rank), so the module structure never changes after the
+  compile and nothing recompiles, whatever the LoRA's targets. A LoRA above the reserved rank cannot be
+  copied in: `ReservedRankError`, and the service runs that request on the plain transformer.
 """
 
 from __future__ import annotations
@@ -33,6 +39,14 @@ class SlotError(LoraError):
     def __init__(self, slot: str, message: str) -> None:
         super().__init__(message)
         self.slot = slot
+
+
+class ReservedRankError(SlotError):
+    """A LoRA of a higher rank than a compiled transformer's reserved slots: it cannot be copied in."""
+
+
+SLOTS = ("main", "extra")
+
 
 class _Lru:
     """Converted LoRAs by file identity, bounded in bytes (the newest entry always stays)."""
@@ -94,7 +108,8 @@ def _set_scales(model: nn.Module, scales: dict[str, float], enabled: bool) -> No
         layer.enable_adapters(enabled)
         if not enabled:
             continue
-        layer.set_adapter([n for n in names if n in layer.lora_A])
+        # inference_mode: adapters keep requires_grad=False (dynamo guards on it; nothing here trains).
+        layer.set_adapter([n for n in names if n in layer.lora_A], inference_mode=True)
         for name, scale in scales.items():
             if name not in layer.scaling:
                 continue
@@ -106,17 +121,24 @@ def _set_scales(model: nn.Module, scales: dict[str, float], enabled: bool) -> No
                 layer.scaling[name] = scale
 
 
-# Padded rank for hot-swapping into compiled transformers: covers Replicate's trainer (16-128) and
-# most community FLUX LoRAs; a larger one takes the logged slow path. FLUX_LORA_HOTSWAP_RANK overrides.
-DEFAULT_HOTSWAP_RANK = 128
+# Rank of the slots reserved on compiled transformers (FLUX_LORA_HOTSWAP_RANK). Trainers' defaults are
+# 16 (Replicate's trainer, ai-toolkit, XLabs) to 32-64 (kohya, fluxgym); every reserved slot costs
+# per step in proportion to this rank whatever the LoRA's own (docs/memory-plan.md), so 64 covers the
+# defaults and a rarer 128 runs that request on the plain transformer.
+DEFAULT_HOTSWAP_RANK = 64
+
+
+def _adapter_dtype(linear: nn.Linear) -> torch.dtype:
+    """Adapters compute in the activations' dtype, also on an fp8 layer (whose weight is float8 storage)."""
+    dtype = linear.weight.dtype
+    return dtype if dtype.is_floating_point and dtype.itemsize >= 2 else torch.bfloat16
 
 
 class LoraManager:
     """Adapters on the loaded pipelines: load only what changed, switch scales in place.
 
-    `hotswap_rank`: set it when the transformers will be torch.compile'd (go_fast); new LoRAs then
-    overwrite padded adapters of that rank instead of adding modules, so nothing recompiles.
     `transformers` are keyed by whatever the caller looks pipelines up by (the service: a PipelineKey).
+    `reserve(key)` fixes a transformer's adapter structure before it is compiled (`hotswap_rank`).
     """
 
     def __init__(
@@ -134,7 +156,49 @@ class LoraManager:
         self.names = ModelNames.of(first, text_encoder)
         # component id -> slot -> identity (path:size:mtime) of the file loaded there
         self._loaded: dict[int, dict[str, str]] = {}
+        self._reserved: dict[int, int] = {}  # component id -> rank of its reserved slots
         self.loads = 0  # adapter loads so far (tests and the benchmark read it)
+
+    def reserve(self, key: Hashable, rank: int | None = None) -> int:
+        """Give `key`'s transformer both slots at `rank` (default `hotswap_rank`) on every linear, holding
+        zeros, scalings as tensors: call before compiling it. LoRAs already loaded there are copied back in.
+        Returns the rank."""
+        from peft.utils.hotswap import prepare_model_for_compiled_hotswap
+
+        rank = rank or self.hotswap_rank or DEFAULT_HOTSWAP_RANK
+        module = self.transformers[key]
+        if id(module) in self._reserved:
+            return self._reserved[id(module)]
+        loaded = self._loaded.setdefault(id(module), {})
+        for slot in list(loaded):
+            self._delete(module, "transformer", slot)
+        zeros: dict[str, torch.Tensor] = {}
+        for name, linear in ModelNames.of(module, None).transformer_linears.items():  # schnell has no guidance
+            options = dict(device=linear.weight.device, dtype=_adapter_dtype(linear))
+            zeros[f"{name}.lora_A.weight"] = torch.zeros(rank, linear.in_features, **options)
+            zeros[f"{name}.lora_B.weight"] = torch.zeros(linear.out_features, rank, **options)
+        for slot in SLOTS:
+            with warnings.catch_warnings():  # peft's notes on a second adapter and on fp8 merging: nothing to do
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`|TorchaoLoraLinear")
+                module.load_lora_adapter(dict(zeros), prefix=None, adapter_name=slot)
+            # Tensor scalings: a new scale is a value written in place, not a constant baked into a graph.
+            config = module.peft_config[slot]
+            prepare_model_for_compiled_hotswap(module, target_rank=rank, config=config, check_compiled="ignore")
+        self._reserved[id(module)] = rank
+        previous, loaded = dict(loaded), self._loaded.setdefault(id(module), {})
+        loaded.clear()
+        for slot, identity in previous.items():
+            lora = self.cache.get(identity)
+            if lora is not None:
+                self._copy_in(module, slot, identity, lora.transformer)
+                loaded[slot] = identity
+        _set_scales(module, dict.fromkeys(SLOTS, 0.0), enabled=True)
+        log.info("LoRA slots %s reserved at rank %d on %s (%d linears)", "+".join(SLOTS), rank, key, len(zeros) // 2)
+        return rank
+
+    def reserved_rank(self, key: Hashable) -> int | None:
+        """The rank of `key`'s reserved slots (a compiled transformer), else None."""
+        return self._reserved.get(id(self.transformers[key]))
 
     def converted(self, path: Path, name: str) -> tuple[str, ConvertedLora]:
         """The file's identity (path, size, mtime) and its converted LoRA, from memory when that same file
@@ -197,18 +261,12 @@ class LoraManager:
         loaded = self._loaded.setdefault(id(module), {})
         if loaded.get(slot) == identity:
             return False
-        hotswap = kind == "transformer" and self.hotswap_rank is not None
-        rank = max((t.shape[0] for k, t in sd.items() if k.endswith("lora_A.weight")), default=0)
+        if id(module) in self._reserved:  # compiled: the structure is fixed, the weights are copied in
+            self._copy_in(module, slot, ref, sd)
+            loaded[slot] = identity
+            self.loads += 1
+            return True
         if slot in loaded:
-            if hotswap and rank > self.hotswap_rank:
-                log.warning(
-                    "LoRA %s has rank %d, above the hot-swap rank %d (FLUX_LORA_HOTSWAP_RANK): slow path, a compiled "
-                    "model recompiles", ref, rank, self.hotswap_rank,
-                )
-            elif hotswap and self._hotswap(module, slot, ref, sd):
-                loaded[slot] = identity
-                self.loads += 1
-                return True
             self._delete(module, kind, slot)
             del loaded[slot]
         try:
@@ -217,21 +275,37 @@ class LoraManager:
             self._discard(module, slot)
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise SlotError(slot, f"the LoRA {ref!r} cannot be loaded ({kind}): {first}") from None
-        if hotswap:
-            self._pad(module, slot)
         loaded[slot] = identity
         self.loads += 1
         return True
 
-    def _hotswap(self, module: nn.Module, slot: str, ref: str, sd: dict[str, torch.Tensor]) -> bool:
-        try:
-            module.load_lora_adapter(dict(sd), prefix=None, adapter_name=slot, hotswap=True)
-            return True
-        except (ValueError, RuntimeError, KeyError) as exc:
-            log.warning(
-                "LoRA %s cannot hot-swap into %s (%s): slow path, a compiled model recompiles", ref, slot, exc
+    def _copy_in(self, module: nn.Module, slot: str, ref: str, sd: dict[str, torch.Tensor]) -> None:
+        """Write a converted LoRA into `slot`'s reserved weights: its rank in the first rows/columns, zeros
+        elsewhere and on every layer it does not target. Everything is checked before anything is written."""
+        from peft.tuners.lora import LoraLayer
+
+        rank = self._reserved[id(module)]
+        layers = {n: m for n, m in module.named_modules() if isinstance(m, LoraLayer) and slot in m.lora_A}
+        pairs = {
+            key.removesuffix(".lora_A.weight"): (down, sd[key.replace(".lora_A.", ".lora_B.")])
+            for key, down in sd.items() if key.endswith(".lora_A.weight")
+        }
+        if missing := sorted(set(pairs) - set(layers)):  # as peft does on a plain model: ignored, noted
+            log.warning("LoRA %s: layers this model lacks are ignored: %s", ref, ", ".join(missing[:3]))
+        if (got := max((down.shape[0] for down, _ in pairs.values()), default=0)) > rank:
+            raise ReservedRankError(
+                slot, f"the LoRA {ref!r} has rank {got}, above the compiled go_fast slots' rank {rank} "
+                "(FLUX_LORA_HOTSWAP_RANK)",
             )
-            return False
+        with torch.no_grad():
+            for name, layer in layers.items():
+                down_w, up_w = layer.lora_A[slot].weight, layer.lora_B[slot].weight
+                down_w.zero_()
+                up_w.zero_()
+                if name in pairs:
+                    down, up = pairs[name]
+                    down_w[: down.shape[0]].copy_(down)
+                    up_w[:, : up.shape[1]].copy_(up)
 
     def _load(self, module: nn.Module, kind: str, slot: str, sd: dict[str, torch.Tensor]) -> None:
         if kind == "transformer":
@@ -251,18 +325,6 @@ class LoraManager:
                     )
             finally:
                 transformers_peft.removeFilter(report)
-
-    def _pad(self, module: nn.Module, slot: str) -> None:
-        """Pad every adapter of `module` to the hot-swap rank, scalings as tensors, so later LoRAs of any rank up
-        to it swap into `slot` in place: diffusers' `enable_lora_hotswap` only prepares the first adapter ever
-        loaded, leaving the other slot, and any slot reloaded after a slow path, unpadded. An adapter above the
-        rank (loaded on the slow path) sets the padding for the others while it stays."""
-        from peft.utils.hotswap import prepare_model_for_compiled_hotswap
-
-        ranks = [layer.lora_A[name].weight.shape[0] for layer in _lora_layers(module) for name in layer.lora_A]
-        target = max([self.hotswap_rank or 0, *ranks])
-        config = getattr(module, "peft_config", {}).get(slot)
-        prepare_model_for_compiled_hotswap(module, target_rank=target, config=config, check_compiled="ignore")
 
     @staticmethod
     def _discard(module: nn.Module, slot: str) -> None:
@@ -284,12 +346,12 @@ class LoraManager:
 
     def _activate(self, module: nn.Module, kind: str, scales: dict[str, float]) -> None:
         """Exactly the base model when every scale is 0 or nothing is wanted; adapters stay resident."""
+        if id(module) in self._reserved:
+            # Compiled: the adapter set stays fixed; an unused slot runs at scale 0 (it adds exact zeros).
+            _set_scales(module, {slot: scales.get(slot, 0.0) for slot in SLOTS}, enabled=True)
+            return
         loaded = self._loaded.get(id(module), {})
         if not loaded:
-            return
-        if kind == "transformer" and self.hotswap_rank is not None:
-            # Compiled: keep the adapter set fixed and zero the unused ones (a 0 scale adds exact zeros).
-            _set_scales(module, {slot: scales.get(slot, 0.0) for slot in loaded}, enabled=True)
             return
         active = {slot: s for slot, s in scales.items() if s != 0.0}
         _set_scales(module, active, enabled=bool(active))

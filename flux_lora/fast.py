@@ -22,6 +22,7 @@ import logging
 import os
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -103,13 +104,27 @@ def quantize_transformer(transformer: nn.Module, mode: Fp8Mode, device: torch.de
                     block.to(device)
                 quantize_(block, config, filter_fn=lambda m, fqn, p=prefix: _quantizable(m, p + fqn))
     except (RuntimeError, NotImplementedError, ValueError, AssertionError) as exc:
-        log.warning("go_fast: %s failed (%s); go_fast runs the plain weights", mode.value, exc)
+        if not fp8_unsupported(exc):  # out of memory, a torchao bug, bad weights: setup fails with the reason
+            raise RuntimeError(f"go_fast: {mode.value} quantization failed: {_first_line(exc)}") from exc
+        log.warning("go_fast: %s is not supported here (%s); go_fast runs the plain weights", mode.value, exc)
         return Fp8Mode.NONE
     if device is not None:
         for name, child in transformer.named_children():
             if name not in BLOCK_LISTS:
                 child.to(device)
     return mode
+
+
+def fp8_unsupported(exc: BaseException) -> bool:
+    """torchao or torch refusing fp8 on this device or build: the one quantization failure that is a notice."""
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
+        return False
+    text = str(exc).lower()
+    return any(phrase in text for phrase in ("capability", "not supported", "unsupported", "no kernel", "float8"))
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def quantized_linears(transformer: nn.Module) -> int:
@@ -296,6 +311,45 @@ def compile_transformer(transformer: nn.Module, backend: str = "inductor") -> No
             block.compile(**kwargs)
 
 
+# --------------------------------------------------------------------------- after setup
+
+# Calls that would have compiled again after setup and ran eagerly instead, by transformer name.
+eager_fallbacks: Counter[str] = Counter()
+
+
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far (any backend): what a recompile would raise."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def freeze_compiled(transformer: nn.Module, name: str) -> None:
+    """After warm-up `transformer` never compiles again: a call whose guards fail runs eagerly, logged.
+
+    torch's recompile limit is a hard error under fullgraph=True, and a recompile inside a prediction
+    costs a minute on a GPU: one eager call is better than both. The forward is re-entered from the
+    start under `force_eager` (a transformer call changes no state, so nothing is run twice).
+    """
+    from torch._dynamo.exc import TorchDynamoException
+
+    forward = transformer.forward
+
+    def forward_without_recompiling(*args: object, **kwargs: object) -> object:
+        try:
+            with torch.compiler.set_stance("fail_on_recompile"):
+                return forward(*args, **kwargs)
+        except (TorchDynamoException, RuntimeError) as exc:
+            if not isinstance(exc, TorchDynamoException) and "Detected recompile" not in str(exc):
+                raise  # the model's own failure (out of memory, say): eager would only fail again
+            eager_fallbacks[name] += 1
+            log.warning("go_fast: compiled %s would compile again (%s); this call runs eagerly", name, _first_line(exc))
+            with torch.compiler.set_stance("force_eager"):
+                return forward(*args, **kwargs)
+
+    transformer.forward = forward_without_recompiling
+
+
 # --------------------------------------------------------------------------- warm-up
 
 
@@ -308,20 +362,27 @@ class WarmupShape:
     text_tokens: int
 
 
-def standard_shapes(text_tokens: int) -> list[WarmupShape]:
-    """Every standard size (11 aspect ratios x 2 megapixel settings) as transformer token counts."""
+def warmup_sizes() -> list[tuple[str, str, int]]:
+    """(aspect ratio, megapixels, batch): one request per graph a prediction can need.
+
+    One size per distinct token count of the standard sizes (11 aspect ratios x 2 megapixel
+    settings; portrait and landscape share one), batch 1, then a batch of 2: dynamo specialises a
+    batch of 1, and the batch-2 graph makes 2-4 symbolic. Custom and img2img sizes are other values
+    of the same symbolic sequence length.
+    """
     from flux_lora.request import ASPECT_RATIOS, MEGAPIXELS, size_for_aspect_ratio
 
-    sizes = [size_for_aspect_ratio(ratio, mp) for ratio in ASPECT_RATIOS for mp in MEGAPIXELS]
-    # Portrait and landscape of one ratio share a token count: one call covers both.
-    tokens = dict.fromkeys((w // 16) * (h // 16) for w, h in sizes)
-    shapes = [WarmupShape(1, n, text_tokens) for n in tokens]
-    # A batch of 1 is specialised by dynamo (0/1 specialisation); one batch of 2 makes 2-4 symbolic.
-    return [*shapes, WarmupShape(2, shapes[0].image_tokens, text_tokens)]
+    by_tokens: dict[int, tuple[str, str]] = {}
+    for ratio in ASPECT_RATIOS:
+        for mp in MEGAPIXELS:
+            width, height = size_for_aspect_ratio(ratio, mp)
+            by_tokens.setdefault((width // 16) * (height // 16), (ratio, mp))
+    sizes = [(ratio, mp, 1) for ratio, mp in by_tokens.values()]
+    return [*sizes, (*sizes[0][:2], 2)]
 
 
 def dummy_inputs(transformer: nn.Module, shape: WarmupShape, device: torch.device, dtype: torch.dtype) -> dict:
-    """Random inputs of a real call's shapes for `transformer` (warm-up, checks, the benchmark)."""
+    """Random inputs of a real call's shapes for `transformer` (tests), passed as FluxPipeline passes them."""
     config = transformer.config
     gen = torch.Generator("cpu").manual_seed(0)
 
@@ -335,19 +396,9 @@ def dummy_inputs(transformer: nn.Module, shape: WarmupShape, device: torch.devic
         timestep=torch.full((shape.batch,), 0.5, device=device, dtype=dtype),
         img_ids=torch.zeros(shape.image_tokens, 3, device=device, dtype=dtype),
         txt_ids=torch.zeros(shape.text_tokens, 3, device=device, dtype=dtype),
+        joint_attention_kwargs={},
         return_dict=False,
     )
     if config.guidance_embeds:
-        inputs["guidance"] = torch.full((shape.batch,), 3.5, device=device, dtype=dtype)
+        inputs["guidance"] = torch.full((shape.batch,), 3.5, device=device, dtype=torch.float32)
     return inputs
-
-
-def warm_up(transformer: nn.Module, shapes: list[WarmupShape], device: torch.device, dtype: torch.dtype) -> float:
-    """Run the transformer once per shape so compilation happens at setup, not in a prediction."""
-    start = time.perf_counter()
-    with torch.inference_mode():
-        for shape in shapes:
-            transformer(**dummy_inputs(transformer, shape, device, dtype))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start

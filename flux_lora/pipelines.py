@@ -64,7 +64,11 @@ class Pipelines:
 
 
 def entry_points(text2img: dict[str, FluxPipeline], device: torch.device, dtype: torch.dtype) -> Pipelines:
-    """img2img and inpaint for each text2img pipeline, every component shared through from_pipe."""
+    """img2img and inpaint for each text2img pipeline, every component shared through from_pipe.
+
+    The shared VAE decodes a batch one image at a time and large images in tiles, so four 1440x1440
+    images never hold the whole batch's decoder activations at once (docs/memory-plan.md).
+    """
     pipelines = Pipelines(
         text2img=text2img,
         img2img={name: FluxImg2ImgPipeline.from_pipe(pipe, dtype=dtype) for name, pipe in text2img.items()},
@@ -75,7 +79,20 @@ def entry_points(text2img: dict[str, FluxPipeline], device: torch.device, dtype:
     for table in (pipelines.text2img, pipelines.img2img, pipelines.inpaint):
         for pipe in table.values():
             pipe.set_progress_bar_config(disable=True)
+            decode_in_parts(pipe.vae)
     return pipelines
+
+
+VAE_TILE_MIN_PIXELS = 1024  # images up to 1024 px a side decode whole; tiles (and their seams) only above
+
+
+def decode_in_parts(vae: torch.nn.Module) -> None:
+    """Slicing for batches, tiling above `VAE_TILE_MIN_PIXELS`: the VAE's own threshold is its config's
+    `sample_size`, which real checkpoints set to 1024 and the tiny store to 32, so it is set here."""
+    vae.enable_slicing()
+    vae.enable_tiling()
+    vae.tile_sample_min_size = VAE_TILE_MIN_PIXELS
+    vae.tile_latent_min_size = VAE_TILE_MIN_PIXELS // 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def load_pipelines(store: Path, device: torch.device, dtype: torch.dtype) -> Pipelines:
@@ -89,6 +106,20 @@ def load_pipelines(store: Path, device: torch.device, dtype: torch.dtype) -> Pip
         store / SCHNELL_DIR, subfolder="transformer", dtype=dtype
     )
     schnell_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(store / SCHNELL_DIR, subfolder="scheduler")
+    pipelines = assemble(dev, schnell_transformer, schnell_scheduler, device, dtype)
+    log.info("Loaded FLUX.1 dev and schnell on %s (%s) in %.1fs", device, dtype, time.perf_counter() - start)
+    return pipelines
+
+
+def assemble(
+    dev: FluxPipeline,
+    schnell_transformer: FluxTransformer2DModel,
+    schnell_scheduler: FlowMatchEulerDiscreteScheduler,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Pipelines:
+    """The six entry points over dev's pipeline and schnell's transformer and scheduler (loaded from the
+    store, or built in memory by the benchmark); on CUDA the two bf16 transformers share one GPU slot."""
     schnell = FluxPipeline.from_pipe(dev, transformer=schnell_transformer, scheduler=schnell_scheduler, dtype=dtype)
     residency = None
     if device.type == "cuda":
@@ -100,24 +131,23 @@ def load_pipelines(store: Path, device: torch.device, dtype: torch.dtype) -> Pip
         schnell_transformer.to(device)
     pipelines = entry_points({"dev": dev, "schnell": schnell}, device, dtype)
     pipelines.residency = residency
-    log.info("Loaded FLUX.1 dev and schnell on %s (%s) in %.1fs", device, dtype, time.perf_counter() - start)
     return pipelines
 
 
 def load_fast_pipelines(
     pipelines: Pipelines,
-    store: Path,
+    store: Path | None,
     *,
-    compile_: bool,
     capability: tuple[int, int] | None = None,
     save_quantized: bool = True,
-    warmup: bool = True,
-    backend: str = "inductor",
 ) -> Pipelines:
-    """go_fast: per model an fp8 transformer (and compiled blocks), all else shared with the plain path.
+    """go_fast: per model an fp8 transformer, all else shared with the plain path. Sets `pipelines.fast`.
 
-    Sets `pipelines.fast` and returns it. Where no fp8 can run, go_fast shares the plain transformers
-    (compiled when asked), after a logged notice.
+    `store` None: the modules were built in memory (the benchmark), so the fp8 copies are quantized
+    from them and nothing is saved. Compilation is a later step (`compile_fast_pipelines`), once the
+    LoRA slots are in place; the entry points are built here, before it (their `from_pipe` moves
+    modules, which a compiled module's parameters no longer allow). Where no fp8 can run, go_fast
+    shares the plain transformers, after a logged notice.
     """
     from flux_lora import fast
 
@@ -131,29 +161,23 @@ def load_fast_pipelines(
             ran.add(fast.quantize_transformer(pipe.transformer, mode))  # the notice; nothing changes
             transformers[name] = pipe.transformer
             continue
-        source = store / (DEV_DIR if name == "dev" else SCHNELL_DIR)
-        config = pipe.transformer.config
-        transformer, got = fast.build_fast_transformer(
-            lambda config=config: FluxTransformer2DModel.from_config(config).to(dtype),
-            lambda source=source: FluxTransformer2DModel.from_pretrained(source, subfolder="transformer", dtype=dtype),
-            model=name, store=store, source=source / "transformer", device=device, dtype=dtype, mode=mode,
-            save=save_quantized,
-        )
+        if store is None:
+            if pipelines.residency is not None:  # the bf16 slot: quantize from the device copy
+                pipelines.residency.ensure(name)
+            transformer, got = fast.quantized_copy(pipe.transformer, mode)
+        else:
+            source = store / (DEV_DIR if name == "dev" else SCHNELL_DIR)
+            config = pipe.transformer.config
+            transformer, got = fast.build_fast_transformer(
+                lambda config=config: FluxTransformer2DModel.from_config(config).to(dtype),
+                lambda source=source: FluxTransformer2DModel.from_pretrained(
+                    source, subfolder="transformer", dtype=dtype
+                ),
+                model=name, store=store, source=source / "transformer", device=device, dtype=dtype, mode=mode,
+                save=save_quantized,
+            )
         transformers[name] = transformer if got is not fast.Fp8Mode.NONE else pipe.transformer
         ran.add(got)
-    if compile_:
-        tag = f"{mode.value}-{str(dtype).removeprefix('torch.')}"
-        fast.configure_compile_cache(store)
-        fast.load_compile_artefacts(store, tag)
-        for transformer in transformers.values():
-            fast.compile_transformer(transformer, backend=backend)
-        if warmup:
-            for name, transformer in transformers.items():
-                shapes = fast.standard_shapes(text_tokens=512 if name == "dev" else 256)
-                seconds = fast.warm_up(transformer, shapes, device, dtype)
-                log.info("go_fast: %s warmed %d sizes in %.1fs", name, len(shapes), seconds)
-            if backend == "inductor":
-                fast.save_compile_artefacts(store, tag)
     text2img = {
         name: FluxPipeline.from_pipe(pipe, transformer=transformers[name], dtype=dtype)
         for name, pipe in pipelines.text2img.items()
@@ -161,10 +185,54 @@ def load_fast_pipelines(
     result = entry_points(text2img, device, dtype)
     result.fp8 = "+".join(sorted(m.value for m in ran))
     pipelines.fast = result
-    log.info(
-        "go_fast ready: %s%s in %.1fs", result.fp8, ", compiled" if compile_ else "", time.perf_counter() - start
-    )
+    log.info("go_fast ready: %s in %.1fs", result.fp8, time.perf_counter() - start)
     return result
+
+
+def compile_fast_pipelines(pipelines: Pipelines, store: Path | None, backend: str = "inductor") -> dict[str, float]:
+    """Compile go_fast's transformers, warm every graph up through `generate`, then freeze them.
+
+    Call once the transformers' structure is final (their LoRA slots reserved). The warm-up is real
+    requests, one step, latents only: dynamo decides recompiles by guards on exactly what the
+    pipelines pass (grad mode, dtypes, `joint_attention_kwargs`, shapes), so a hand-made call would
+    warm other graphs. Frozen, a transformer never compiles again (`fast.freeze_compiled`). The
+    compile cache lives under `store` and is saved for the next cold start. Returns the seconds spent
+    compiling (the first call of each model, which traces and builds the graphs) and warming up (the rest).
+    """
+    from flux_lora import fast
+    from flux_lora.inputs import prepare_inputs
+    from flux_lora.request import build_request
+
+    assert pipelines.fast is not None, "load_fast_pipelines first"
+    start = time.perf_counter()
+    fast_pipes = pipelines.fast
+    tag = f"{fast_pipes.fp8}-{str(pipelines.dtype).removeprefix('torch.')}"
+    if store is not None:
+        fast.configure_compile_cache(store)
+        fast.load_compile_artefacts(store, tag)
+    graphs = fast.compiled_graphs()
+    for transformer in fast_pipes.transformers.values():
+        fast.compile_transformer(transformer, backend=backend)
+    seconds = {"compile": 0.0, "warm-up": 0.0}
+    for name in fast_pipes.text2img:
+        for index, (ratio, megapixels, batch) in enumerate(fast.warmup_sizes()):
+            request = build_request(
+                prompt="warm-up", model=name, go_fast=True, aspect_ratio=ratio, megapixels=megapixels,
+                num_outputs=batch, num_inference_steps=1, seed=0,
+            )
+            call_start = time.perf_counter()
+            generate(fast_pipes, request, prepare_inputs(request), output_type="latent")
+            seconds["compile" if index == 0 else "warm-up"] += time.perf_counter() - call_start
+    for name, transformer in fast_pipes.transformers.items():
+        fast.freeze_compiled(transformer, name)
+    if store is not None and backend == "inductor":
+        fast.save_compile_artefacts(store, tag)
+    log.info(
+        "go_fast compiled (%s) and warmed %d sizes x %d models in %.1fs: %d graphs",
+        backend, len(fast.warmup_sizes()), len(fast_pipes.text2img), time.perf_counter() - start,
+        fast.compiled_graphs() - graphs,
+    )
+    return seconds
 
 
 def generate(pipelines: Pipelines, request: Request, cond: Conditioning, **extra: object) -> list[Image.Image]:
@@ -180,8 +248,8 @@ def generate(pipelines: Pipelines, request: Request, cond: Conditioning, **extra
         max_sequence_length=request.max_sequence_length,
         generator=torch.Generator("cpu").manual_seed(request.seed),
         output_type="pil",
-        **extra,
     )
+    kwargs.update(extra)
     if request.mode is not Mode.TXT2IMG:
         kwargs.update(image=cond.image, strength=request.prompt_strength)
     if request.mode is Mode.INPAINT:

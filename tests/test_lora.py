@@ -8,7 +8,6 @@ sets the output size) or 256x256 txt2img, 2 steps, PNG: pixel-exact comparisons.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import io
 import json
 import logging
@@ -339,22 +338,6 @@ def test_trained_variant_with_a_bad_cog_weights_fails_setup(settings, server):
         Service(TRAINED, settings, url(server, "sdxl"))
 
 
-def test_hotswap_into_padded_adapters_matches_the_plain_path(settings, server, input_image, service, caplog):
-    svc = Service(HOTSWAP, dataclasses.replace(settings, lora_hotswap_rank=8), None)
-    run(svc, input_image, replicate_weights=url(server, "xlabs"))
-    loads = svc.loras.loads
-    with caplog.at_level(logging.WARNING, logger="flux_lora.adapters"):
-        swapped = run(svc, input_image, replicate_weights=url(server, "attn_b"))
-    assert "slow path" not in caplog.text and svc.loras.loads == loads + 1
-    assert np.abs(swapped - run(service, input_image, replicate_weights=url(server, "attn_b"))).max() <= 1
-    # No LoRA on a hot-swap model zeroes the adapter instead of removing it: still the base image.
-    assert np.array_equal(run(svc, input_image), service.base)
-    # A LoRA on modules the first one did not target (MLPs) cannot hot-swap: slow path, logged.
-    with caplog.at_level(logging.WARNING, logger="flux_lora.adapters"):
-        run(svc, input_image, replicate_weights=url(server, "peft"))
-    assert "slow path" in caplog.text
-
-
 def test_manager_reloads_nothing_when_references_repeat(store, service, server, monkeypatch):
     from diffusers import FluxTransformer2DModel
 
@@ -519,12 +502,13 @@ def test_the_same_file_under_two_references_counts_once(store, loras, tmp_path):
     assert layers and all("extra" not in m.lora_A for m in layers)
 
 
-def test_compiled_transformer_swaps_main_and_extra_of_any_rank_without_recompiling(tmp_path, caplog):
-    """Both slots are padded to the hot-swap rank, on first load and after a slow-path reload, so switching
-    either LoRA (ranks 2-8) or its scale never recompiles; a rank above it takes the logged slow path."""
+def test_reserved_slots_take_main_and_extra_of_any_rank_without_recompiling(tmp_path):
+    """Both slots reserved at rank 8 before compiling, so switching either LoRA (ranks 2-8) or its scale never
+    recompiles; a rank above the slots' is refused with ReservedRankError and leaves the slots as they were."""
     import torch._dynamo
 
     from flux_lora import fast
+    from flux_lora.adapters import ReservedRankError
     from flux_lora.fast import WarmupShape
     from flux_lora.tiny import tiny_transformer
 
@@ -544,6 +528,7 @@ def test_compiled_transformer_swaps_main_and_extra_of_any_rank_without_recompili
             return transformer(**fast.dummy_inputs(transformer, WarmupShape(1, 64, 8), torch.device("cpu"),
                                                    torch.float32))[0]
 
+    assert manager.reserve("dev") == 8
     manager.apply("dev", both("a", "b"))
     fast.compile_transformer(transformer, backend="eager")
     first = call()
@@ -554,12 +539,11 @@ def test_compiled_transformer_swaps_main_and_extra_of_any_rank_without_recompili
                        both("c", "d", 0.7, 0.3), both("c", None, 0.7), both("a", "b")):
             manager.apply("dev", wanted)
             outputs.append(call())
-    assert all(not torch.equal(x, y) for x, y in zip(outputs[:-2], outputs[1:-1], strict=True))
-    torch.testing.assert_close(outputs[-1], first)  # back to a+b: the same numbers as before the swaps
-    with caplog.at_level(logging.WARNING, logger="flux_lora.adapters"):
-        manager.apply("dev", both("big", "b"))
-    assert "rank 16, above the hot-swap rank 8" in caplog.text
-    assert not torch.equal(call(), first)
+        assert all(not torch.equal(x, y) for x, y in zip(outputs[:-2], outputs[1:-1], strict=True))
+        torch.testing.assert_close(outputs[-1], first)  # back to a+b: the same numbers as before the swaps
+        with pytest.raises(ReservedRankError, match="rank 16, above the compiled go_fast slots' rank 8"):
+            manager.apply("dev", both("big", "b"))
+        torch.testing.assert_close(call(), first)
 
 
 def test_a_second_clip_adapter_prints_no_load_report(service):
