@@ -2,9 +2,12 @@
 
 dev and schnell in bf16 (23.8 GB each) plus both fp8 copies (11.9 GB each) and the shared text
 encoders/VAE (~10 GB) do not fit one 80 GB GPU together (docs/memory-plan.md). The fp8 transformers
-and the shared components stay resident; the bf16 transformers share one slot. Parking keeps a pinned
-host copy of each weight, so evicting is free (the GPU tensor is dropped) and loading is one
-host-to-device copy (~1 s for 23.8 GB over PCIe 5). Invariant this relies on: nothing writes the
+and the shared components stay resident; the bf16 transformers share one slot. At setup each plain
+transformer's base weights are packed into ONE host buffer of their exact total size, pinned by
+registering it with CUDA (`tensor.pin_memory()` goes through torch's caching host allocator, which
+rounds every block up to a power of two: ~37 GB pinned for a 23.8 GB transformer). Parking is then
+free (each weight's `.data` becomes its view into the buffer, the GPU tensor is dropped) and loading is
+one host-to-device copy (~1 s for 23.8 GB over PCIe 5). Invariant this relies on: nothing writes the
 plain weights in place (LoRAs stay unfused peft layers, moved along with their module).
 """
 
@@ -12,11 +15,31 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
+
+ALIGN = 256  # bytes: every packed weight starts on a 256-byte boundary (any dtype's view, fast DMA)
+
+
+@dataclass
+class HostCopy:
+    """One model's packed base weights: the buffer and, per weight key, its view into the buffer."""
+
+    buffer: torch.Tensor  # uint8, exactly the sum of the aligned weight sizes
+    views: dict[str, torch.Tensor]
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+def _unregister(buffer: torch.Tensor) -> None:
+    torch.cuda.check_error(torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr()))
 
 
 class Residency:
@@ -26,11 +49,14 @@ class Residency:
         self.device = device
         self.modules = modules
         self.resident: str | None = None
-        self._host: dict[str, dict[str, torch.Tensor]] = {name: {} for name in modules}
         self.switches = 0
-        for name in modules:
-            if name != resident:
-                self.park(name)
+        self._host: dict[str, HostCopy] = {}
+        # Every model is packed and parked here, the resident one too (then loaded back: ~1 s), so no
+        # prediction ever copies base weights to host. The resident one goes last: a model loaded on
+        # the host is dropped for its views as soon as it is parked, so the host holds at most two.
+        for name in sorted(modules, key=lambda n: n == resident):
+            self._host[name] = self._pack(modules[name])
+            self.park(name)
         self.ensure(resident)
 
     def _tensors(self, module: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -41,17 +67,34 @@ class Residency:
             for key, tensor in (*module.named_parameters(), *module.named_buffers())
         ]
 
+    def _pack(self, module: nn.Module) -> HostCopy:
+        """Copy `module`'s base weights into one exact-size host buffer, pinned on CUDA; LoRAs excluded."""
+        weights = {key: tensor.data for key, tensor in self._tensors(module) if "lora_" not in key}
+        offsets, total = {}, 0
+        for key, data in weights.items():
+            offsets[key] = total
+            total += _aligned(data.nbytes)
+        buffer = torch.empty(total, dtype=torch.uint8)
+        if self.device.type == "cuda" and total:
+            # Registering pins exactly these bytes; pin_memory() would round up to a power of two.
+            torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), total, 0))
+            # Unregister when the Residency goes; at exit the process's memory goes anyway.
+            weakref.finalize(self, _unregister, buffer).atexit = False
+        views = {}
+        for key, data in weights.items():
+            start = offsets[key]
+            view = buffer[start : start + data.nbytes].view(data.dtype).view(data.shape)
+            views[key] = view.copy_(data)
+        kind = "pinned" if self.device.type == "cuda" else "pageable"
+        log.info("Packed %d weights into %.2f GB of %s host memory", len(views), total / 1e9, kind)
+        return HostCopy(buffer, views)
+
     def park(self, name: str) -> None:
-        """Move `name` to host memory; base weights reuse their pinned copy, so no copy is made twice."""
-        host = self._host[name]
+        """Move `name` to host memory: base weights become views into its packed buffer (no copy)."""
+        views = self._host[name].views
         for key, tensor in self._tensors(self.modules[name]):
-            if "lora_" in key:  # adapters change on every switch: moved, never cached
-                tensor.data = tensor.data.to("cpu")
-                continue
-            if key not in host:
-                copy = tensor.data.to("cpu")
-                host[key] = copy.pin_memory() if self.device.type == "cuda" else copy
-            tensor.data = host[key]
+            # LoRA adapters (never packed: they change on every switch) are moved, not cached.
+            tensor.data = views[key] if key in views else tensor.data.to("cpu")
         if self.resident == name:
             self.resident = None
 

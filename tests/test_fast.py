@@ -342,16 +342,61 @@ def test_residency_keeps_one_host_copy_per_base_weight_through_lora_injection():
     torch.manual_seed(0)
     a, b = tiny_transformer(guidance_embeds=True), tiny_transformer(guidance_embeds=True)
     residency = Residency(torch.device("cpu"), {"a": a, "b": b}, resident="a")
-    copies = len(residency._host["b"])
+    copies = len(residency._host["b"].views)
     assert copies == len(list(b.parameters())) + len(list(b.buffers()))
     before = call(b)
     b.load_lora_adapter(random_lora(b, seed=1), prefix=None, adapter_name="main")  # renames x.weight
     for _ in range(2):
         residency.ensure("b")
         residency.ensure("a")  # parks b again, LoRA injected
-    assert len(residency._host["b"]) == copies, "a second host copy of the LoRA'd weights"
+    assert len(residency._host["b"].views) == copies, "a second host copy of the LoRA'd weights"
     b.delete_adapters("main")
     residency.ensure("b")
     residency.ensure("a")
-    assert len(residency._host["b"]) == copies
+    assert len(residency._host["b"].views) == copies
+    assert torch.equal(call(b), before)
+
+
+def test_residency_packs_each_model_into_one_exact_size_host_buffer_at_setup():
+    """The layout, on CPU: one buffer per model (the resident one too) of exactly the aligned sizes'
+    sum, every parked base weight a view into it, LoRAs outside it. Pinning itself (cudaHostRegister)
+    and a real host-to-device move need CUDA: on CPU `ensure` moves nothing and nothing is pinned."""
+    from flux_lora.memory import ALIGN, Residency
+    from flux_lora.tiny import tiny_transformer
+
+    torch.manual_seed(0)
+    a, b = tiny_transformer(guidance_embeds=True), tiny_transformer(guidance_embeds=True)
+    b.register_buffer("odd", torch.arange(5, dtype=torch.int16))  # another dtype, 10 bytes
+    originals = {name: {k: t.detach().clone() for k, t in m.state_dict().items()} for name, m in (("a", a), ("b", b))}
+    before = call(b)
+    residency = Residency(torch.device("cpu"), {"a": a, "b": b}, resident="a")
+
+    assert set(residency._host) == {"a", "b"}  # built at setup: parking later copies nothing
+    for name, module in (("a", a), ("b", b)):
+        tensors = [*module.parameters(), *module.buffers()]
+        exact = sum(-(-t.nbytes // ALIGN) * ALIGN for t in tensors)
+        buffer = residency._host[name].buffer
+        assert buffer.dtype == torch.uint8 and buffer.untyped_storage().nbytes() == exact
+        assert exact & (exact - 1), "the tiny sum happens to be a power of two: the check proves nothing"
+        assert all(t.untyped_storage().data_ptr() == buffer.data_ptr() for t in tensors)
+
+    lora = random_lora(b, seed=1)
+    b.load_lora_adapter(lora, prefix=None, adapter_name="main")
+    for _ in range(2):
+        residency.ensure("b")
+        residency.ensure("a")  # parks b with its adapter
+    buffer = residency._host["b"].buffer
+    assert buffer.untyped_storage().nbytes() == exact  # the adapter was not packed
+    for key, tensor in (*b.named_parameters(), *b.named_buffers()):
+        inside = tensor.untyped_storage().data_ptr() == buffer.data_ptr()
+        assert inside == ("lora_" not in key), key
+    params = dict(b.named_parameters())  # peft names `x.lora_A.weight` `x.lora_A.main.weight`
+    assert all(torch.equal(params[k.replace(".weight", ".main.weight")], v) for k, v in lora.items())
+
+    b.delete_adapters("main")
+    residency.ensure("b")
+    residency.ensure("a")
+    for name, module in (("a", a), ("b", b)):
+        state = {k.replace(".base_layer.", "."): t for k, t in module.state_dict().items()}
+        assert all(torch.equal(state[k], t) for k, t in originals[name].items()), name
     assert torch.equal(call(b), before)
