@@ -2,9 +2,10 @@
 
 A compiled transformer holds two zero-filled adapters (main, extra) of the reserved rank on every linear
 from setup on (flux_lora/adapters.py), so their matmuls run on every step whatever LoRA is loaded. This
-times one real-shape double block and one single block (3072 wide, fp8 weight-only as go_fast runs on a
-CPU; fp8 dynamic on an H100) with both slots at each rank against the same blocks without adapters,
-in the same run, and prints the ratio. FLUX.1 has 19 double and 38 single blocks: a step costs about
+times one real-shape double block and one single block (3072 wide; on an H100 fp8 as go_fast runs
+there, on a CPU in float32, as fp8 weight-only on a CPU dequantizes every weight on every call and would
+hide the adapters' cost) with both slots at each rank against the same blocks without adapters, in the
+same run, and prints the ratio. FLUX.1 has 19 double and 38 single blocks: a step costs about
 19 x double + 38 x single.
 
     python scripts/bench_slots.py                    # CPU: 256 image tokens, float32
@@ -17,6 +18,7 @@ import argparse
 import copy
 import statistics
 import time
+import warnings
 
 import torch
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
@@ -62,19 +64,25 @@ def main() -> None:
     parser.add_argument("--ranks", default="16,32,64,128")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    warnings.filterwarnings("ignore", message="TorchaoLoraLinear|Already found a `peft_config`")
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tokens, text = (4096, 512) if device.type == "cuda" else (256, 64)
     torch.manual_seed(0)
     torch.set_grad_enabled(False)
-    mode = fast.fp8_mode(device)
+    mode = fast.fp8_mode(device) if device.type == "cuda" else fast.Fp8Mode.NONE
     blocks = {
         "double": FluxTransformerBlock(DIM, HEADS, HEAD_DIM),
         "single": FluxSingleTransformerBlock(DIM, HEADS, HEAD_DIM),
     }
     for block in blocks.values():
         block.to(device, dtype).eval()
-        fast.quantize_transformer(torch.nn.ModuleDict({"transformer_blocks": torch.nn.ModuleList([block])}), mode)
+    # The same quantization go_fast applies (its block filter), on a stand-in holding one block of each kind.
+    holder = torch.nn.Module()
+    holder.transformer_blocks = torch.nn.ModuleList([blocks["double"]])
+    holder.single_transformer_blocks = torch.nn.ModuleList([blocks["single"]])
+    if mode is not fast.Fp8Mode.NONE:
+        fast.quantize_transformer(holder, mode)
     x = torch.randn(1, tokens, DIM, device=device, dtype=dtype)
     ctx = torch.randn(1, text, DIM, device=device, dtype=dtype)
     temb = torch.randn(1, DIM, device=device, dtype=dtype)

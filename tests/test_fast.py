@@ -400,3 +400,34 @@ def test_residency_packs_each_model_into_one_exact_size_host_buffer_at_setup():
         state = {k.replace(".base_layer.", "."): t for k, t in module.state_dict().items()}
         assert all(torch.equal(state[k], t) for k, t in originals[name].items()), name
     assert torch.equal(call(b), before)
+
+
+def test_the_bf16_slot_path_of_a_service_runs_on_cpu(store: Path, tmp_path: Path):
+    """The GPU's bf16 slot through the real Service: each plain request moves its transformer into the slot
+    (adapters with it) and go_fast is quantized from the slot's copy (`Service.from_modules`), with the
+    same images as a service without the slot (to float rounding: CPU kernels round differently on data
+    at other alignments, and the slot's packed buffer aligns weights to 256 bytes)."""
+    import dataclasses
+
+    from flux_lora.memory import Residency
+    from flux_lora.safety import SafetyChecker
+    from flux_lora.service import HOTSWAP, Modules, Service
+
+    settings = dataclasses.replace(Settings.from_env(), weights_dir=store, cache_dir=tmp_path / "cache",
+                                   compile=False)
+    plain = load_pipelines(store, CPU, torch.float32)
+    plain.residency = Residency(CPU, plain.transformers, resident="dev")
+    slotted = Service.from_modules(HOTSWAP, settings, Modules(plain, SafetyChecker.load(store, CPU, torch.float32)))
+    reference = Service(HOTSWAP, settings, None)
+    switches = plain.residency.switches
+
+    def image(service: Service, **inputs: object) -> np.ndarray:
+        paths = service.predict(prompt="a cat", num_inference_steps=2, seed=3, output_format="png",
+                                disable_safety_checker=True, aspect_ratio="custom", width=256, height=256, **inputs)
+        return np.asarray(Image.open(paths[0])).astype(np.int16)
+
+    assert plain.residency.resident == "schnell"  # the last one quantized from the slot
+    for inputs in ({"model": "dev"}, {"model": "schnell"}, {"model": "dev", "go_fast": True}):
+        assert np.abs(image(slotted, **inputs) - image(reference, **inputs)).max() <= 2, inputs
+    assert plain.residency.switches == switches + 2  # dev in, schnell back; go_fast never touches the slot
+    assert plain.residency.resident == "schnell"
