@@ -170,3 +170,28 @@ def test_every_cold_start_comes_up_in_one_state_and_compiles_nothing_new(setting
             assert not any(p.requires_grad for p in transformer.parameters())
         run(service, replicate_weights=url(server, "all_r4"), extra_lora=url(server, "clip"))
     assert fast.compiled_graphs() == graphs
+
+
+def test_a_compiled_server_serves_loras_of_other_targets_without_compiling_again(settings: Settings, server,
+                                                                                 tmp_path: Path):
+    """From outside, as the production crash was seen: the real cog server with FLUX_LORA_COMPILE=1, LoRAs of
+    different targets in both slots, every request succeeds and none logs an eager fallback."""
+    from conftest import CogServer, server_env
+
+    env = server_env(settings.weights_dir, tmp_path, FLUX_LORA_COMPILE="1", FLUX_LORA_COMPILE_BACKEND=BACKEND,
+                     FLUX_LORA_HOTSWAP_RANK=str(RANK), FLUX_LORA_ALLOW_PRIVATE_URLS="1")
+    cog = CogServer("hotswap", tmp_path, env)
+    try:
+        common = {"prompt": "a cat", "num_inference_steps": 2, "go_fast": True, "aspect_ratio": "custom",
+                  "width": 256, "height": 256, "output_format": "png", "disable_safety_checker": True}
+        for main, extra in (("attn_r1", None), ("mlp_r2", "clip"), ("single_r3", "attn_r1"), (None, "all_r4")):
+            inputs = {**common, "seed": 1}
+            if main:
+                inputs["replicate_weights"] = url(server, main)
+            if extra:
+                inputs["extra_lora"] = url(server, extra)
+            body = cog.predict(**inputs).json()
+            assert body["status"] == "succeeded", body.get("error")
+            assert "compile again" not in body["logs"] and "runs eagerly" not in body["logs"], body["logs"]
+    finally:
+        cog.stop()
