@@ -17,6 +17,7 @@ cold start reuses them.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import logging
 import os
@@ -221,10 +222,13 @@ def build_fast_transformer(
         return transformer.eval(), mode
 
 
-def quantized_copy(transformer: nn.Module, mode: Fp8Mode) -> tuple[nn.Module, Fp8Mode]:
-    """A quantized deep copy (stores without files on disk, tests); the original stays plain."""
-    clone = copy.deepcopy(transformer).eval()
-    return clone, quantize_transformer(clone, mode)
+def quantized_copy(
+    transformer: nn.Module, mode: Fp8Mode, device: torch.device | None = None
+) -> tuple[nn.Module, Fp8Mode]:
+    """A quantized deep copy (modules built in memory: the benchmark, tests); the original stays plain.
+    With `device`, each block of the copy moves there as it is quantized (see `quantize_transformer`)."""
+    clone = copy.deepcopy(transformer).eval().requires_grad_(False)
+    return clone, quantize_transformer(clone, mode, device)
 
 
 # --------------------------------------------------------------------------- compilation
@@ -335,6 +339,7 @@ def freeze_compiled(transformer: nn.Module, name: str) -> None:
 
     forward = transformer.forward
 
+    @functools.wraps(forward)
     def forward_without_recompiling(*args: object, **kwargs: object) -> object:
         try:
             with torch.compiler.set_stance("fail_on_recompile"):

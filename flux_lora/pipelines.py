@@ -162,9 +162,9 @@ def load_fast_pipelines(
             transformers[name] = pipe.transformer
             continue
         if store is None:
-            if pipelines.residency is not None:  # the bf16 slot: quantize from the device copy
-                pipelines.residency.ensure(name)
-            transformer, got = fast.quantized_copy(pipe.transformer, mode)
+            if pipelines.residency is not None:  # quantize a host copy onto the device block by block, as
+                pipelines.residency.park(name)  # from the store: never a second bf16 copy on the GPU
+            transformer, got = fast.quantized_copy(pipe.transformer, mode, device)
         else:
             source = store / (DEV_DIR if name == "dev" else SCHNELL_DIR)
             config = pipe.transformer.config
@@ -178,6 +178,8 @@ def load_fast_pipelines(
             )
         transformers[name] = transformer if got is not fast.Fp8Mode.NONE else pipe.transformer
         ran.add(got)
+    if store is None and pipelines.residency is not None:
+        pipelines.residency.ensure(next(iter(pipelines.text2img)))  # dev holds the bf16 slot, as after loading
     text2img = {
         name: FluxPipeline.from_pipe(pipe, transformer=transformers[name], dtype=dtype)
         for name, pipe in pipelines.text2img.items()

@@ -217,9 +217,9 @@ class Service:
 
         try:
             self.loras.apply(key, self.wanted(files, key.go_fast))
-        except ReservedRankError:
-            raise
         except SlotError as exc:
+            if isinstance(exc, ReservedRankError) and self._has_plain_twin(key):
+                raise  # `use_loras` runs the request on the plain transformer instead
             field = next(f.field for f in files if f.slot == exc.slot)
             raise LoraError(f"{field}: {exc}") from None
 
@@ -238,6 +238,10 @@ class Service:
             self._place(request.key)
             self.apply_loras(request.key, files)
         return request
+
+    def _has_plain_twin(self, key: PipelineKey) -> bool:
+        """A go_fast key whose transformer is not the plain one (where no fp8 runs, they are one module)."""
+        return key.go_fast and self.transformers[key] is not self.transformers[PipelineKey(key.model, False)]
 
     def _place(self, key: PipelineKey) -> None:
         residency = self.pipelines.residency

@@ -165,7 +165,7 @@ def real_shape_modules(device: torch.device, dtype: torch.dtype) -> Modules:
         text_encoder=_random(clip, device, dtype, 1), tokenizer_2=tiny_t5_tokenizer(),
         text_encoder_2=_random(t5, device, dtype, 2), transformer=_random(dev_t, device, dtype, 3),
     )
-    schnell = _random(schnell_t, torch.device("cpu"), dtype, 4)  # parked: the bf16 slot holds dev
+    schnell = _random(schnell_t, device, dtype, 4).to("cpu")  # random on the GPU (fast), then parked
     pipelines = assemble(dev, schnell, schnell_scheduler(), device, dtype)
     return Modules(pipelines, full_size(device, torch.float16, flag="never"))
 
