@@ -1,9 +1,9 @@
 """Compiled go_fast under real LoRA traffic: after setup nothing compiles again, nothing fails.
 
 The Service is built as production builds it with FLUX_LORA_COMPILE=1, on dynamo's eager backend
-(`FLUX_LORA_TEST_BACKEND=inductor pytest tests/test_compiled.py` compiles for real, by hand: about 2
-minutes on 2 cores, 5 of these tests measured at 87 s): graph capture
-and guards, which decide every recompile, are the same; only the kernels differ. Twelve LoRAs of
+(`FLUX_LORA_TEST_BACKEND=inductor pytest tests/test_compiled.py` compiles for real, by hand: 117 s on
+the 2-core machine, the server's cold start then reading the saved compile cache): graph capture and
+guards, which decide every recompile, are the same; only the kernels differ. Twelve LoRAs of
 different targets, ranks and formats go through both slots; each image is compared with the same
 request on the uncompiled go_fast path, and dynamo's graph counter must not move.
 """
