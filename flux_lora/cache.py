@@ -11,10 +11,16 @@ Layout of the cache directory (shared by every process and thread that uses it):
 A crash mid-download leaves only a tmp file, removed by the next fetch of that key, by `clear`, or
 once it is an hour old and its key unlocked, whenever a cache opens or makes room; the index never
 names a file that was not verified.
+
+A path `fetch` returned stays loadable until that process has read it and calls `release`, whatever
+any process evicts meanwhile: the process keeps a shared lock (flock) on each file it fetched, and
+eviction skips a file someone holds (it goes at a later eviction). On NFSv4, Linux maps flock to
+NFS byte-range locks, so replicas on a ReadWriteMany volume see each other's holds.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -74,6 +80,7 @@ class WeightCache:
         for sub in ("files", "locks", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._index_lock = FileLock(self.root / "index.lock")
+        self._held: dict[Path, int] = {}  # path -> descriptor holding a shared lock on it, until `release`
         self._clean_stale_tmp()
 
     @classmethod
@@ -130,6 +137,7 @@ class WeightCache:
                 os.replace(staged / "lora.safetensors", final)
             finally:
                 shutil.rmtree(staged, ignore_errors=True)
+            self._hold(final)  # before it is indexed: no eviction anywhere can have chosen it yet
             self._add(key, kind.shown(ref, source), final, alias, words)
             return final
 
@@ -255,6 +263,7 @@ class WeightCache:
                 path.unlink(missing_ok=True)
                 self._write_index(index)
                 return None
+            self._hold(path)  # under the index lock: no eviction is between its check and the hold
             value["last_used"] = time.time()
             if key in self._checked:
                 value["checked"] = self._checked.pop(key)
@@ -278,7 +287,41 @@ class WeightCache:
             self._write_index(index)
             self._evict(index, keep=key)
 
-    # --- eviction ---------------------------------------------------------------------------------------
+    # --- holds and eviction -----------------------------------------------------------------------------
+
+    def release(self) -> None:
+        """The files this process fetched have been read: eviction may take them now."""
+        while self._held:
+            os.close(self._held.popitem()[1])
+
+    def _hold(self, path: Path) -> None:
+        """Keep `path` loadable for this process until `release`: a shared lock on the file, which eviction in
+        every process sharing the cache respects."""
+        fd = self._held.pop(path, None)
+        if fd is not None and os.fstat(fd).st_ino != path.stat().st_ino:  # evicted, then fetched again
+            os.close(fd)
+            fd = None
+        if fd is None:
+            fd = os.open(path, os.O_RDONLY)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        self._held[path] = fd
+
+    @staticmethod
+    def _unlink_unless_held(path: Path) -> bool:
+        """Remove `path` unless some process holds it (`_hold`); True when it is gone."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        else:
+            path.unlink(missing_ok=True)
+            return True
+        finally:
+            os.close(fd)
 
     def _free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
@@ -319,8 +362,11 @@ class WeightCache:
         changed = False
         while by_age and (total > self.max_bytes or self._free_bytes() - incoming < self.min_free_bytes):
             victim = by_age.pop(0)
-            value = index.pop(victim)
-            (self.root / "files" / value["file"]).unlink(missing_ok=True)
+            value = index[victim]
+            if not self._unlink_unless_held(self.root / "files" / value["file"]):
+                log.info("LoRA %s is being read by a process: evicted later", value["ref"])
+                continue
+            del index[victim]
             total -= value["size"]
             changed = True
             log.info("evicted LoRA %s (%d bytes) from the cache", value["ref"], value["size"])

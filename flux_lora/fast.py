@@ -166,15 +166,16 @@ def prequantized_path(store: Path, model: str, mode: Fp8Mode, dtype: torch.dtype
 def _save_atomic(state: dict[str, torch.Tensor], path: Path, model: str) -> None:
     """Write beside the target, rename when complete: a half-written file is never loaded.
 
-    Copies of the same model made from other weights or versions (and leftovers of interrupted
-    saves) are removed: they can never be loaded again.
+    Copies of the same model made from other weights or versions are removed: they can never be
+    loaded again. So are temp files an interrupted save left an hour ago; a younger one may be another
+    replica's save in progress (of another version: this one's is under its lock).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".incomplete")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
+    cutoff = time.time() - 3600
     for stale in path.parent.glob(f"{model}-*.pt*"):
-        if stale != path and not stale.name.endswith(".lock"):
+        if stale.suffix == ".incomplete" and stale.stat().st_mtime > cutoff:
+            continue
+        if stale != path and stale.suffix != ".lock":
             stale.unlink(missing_ok=True)
 
 
@@ -284,17 +285,18 @@ def save_compile_artefacts(store: Path, tag: str) -> Path | None:
         return None
     data, _info = saved
     path = _artefacts_path(store, tag)
-    write_atomic(path, data)
+    write_atomic(path, lambda tmp: tmp.write_bytes(data))
     return path
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write beside `path` under a name of this writer's own, then rename: replicas that start together
-    on one shared store each write a whole file and the last rename wins; no reader sees a partial one."""
+def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """`write(tmp)` beside `path` under a name of this writer's own, then rename: replicas that start
+    together on one shared store each write a whole file and the last rename wins; no reader sees a
+    partial one, and no writer touches another's temp file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex}.incomplete")
     try:
-        tmp.write_bytes(data)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

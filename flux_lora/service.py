@@ -158,6 +158,7 @@ class Service:
                     self.loras.reserve(key, max(self.loras.hotswap_rank or 0, baked_rank))
         for key in self.transformers if files else ():  # the baked LoRA stays resident everywhere
             self.apply_loras(key, files)
+        self.cache.release()
         if compiled:
             stages.seconds.update(compile_fast_pipelines(self.pipelines, store, settings.compile_backend))
         self.setup_seconds = stages.seconds  # the benchmark's setup rows
@@ -237,6 +238,8 @@ class Service:
             request = replace(request, go_fast=False)
             self._place(request.key)
             self.apply_loras(request.key, files)
+        finally:
+            self.cache.release()  # the files are read: other replicas' eviction may take them now
         return request
 
     def _has_plain_twin(self, key: PipelineKey) -> bool:

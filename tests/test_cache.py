@@ -442,12 +442,10 @@ def test_lru_eviction_by_byte_budget(server, env):
     files = {name: peft_lora(i, pad=20_000) for i, name in enumerate("abc")}
     urls = {name: server.add_file(f"/{name}.safetensors", data) for name, data in files.items()}
     cache = make_cache(env, budget=2 * len(files["a"]) + 100)
-    cache.fetch(urls["a"])
-    time.sleep(0.01)
-    cache.fetch(urls["b"])
-    time.sleep(0.01)
-    cache.fetch(urls["a"])  # a is now more recent than b
-    time.sleep(0.01)
+    for name in "aba":  # a is now more recent than b; each file read (released) before the next fetch
+        cache.fetch(urls[name])
+        cache.release()
+        time.sleep(0.01)
     cache.fetch(urls["c"])
     assert sorted(Path(e.ref).name for e in cache.entries()) == ["a.safetensors", "c.safetensors"]
     assert len(list((cache.root / "files").iterdir())) == 2
@@ -459,6 +457,7 @@ def test_eviction_keeps_a_free_disk_floor(server, env, monkeypatch):
         cache, "_free_bytes", lambda: 0 if len(list((cache.root / "files").iterdir())) > 1 else 10**12
     )
     cache.fetch(server.add_file("/x.safetensors", peft_lora(15)))
+    cache.release()
     cache.fetch(server.add_file("/y.safetensors", peft_lora(16)))
     assert [Path(e.ref).name for e in cache.entries()] == ["y.safetensors"]
 

@@ -303,7 +303,7 @@ def test_compile_artefacts_written_by_replicas_at_once_stay_whole(tmp_path: Path
 
     def save(data: bytes) -> None:
         for _ in range(5):
-            fast.write_atomic(path, data)
+            fast.write_atomic(path, lambda tmp: tmp.write_bytes(data))
 
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(save, payloads))  # a shared temp name raised here (FileNotFoundError) or mixed files

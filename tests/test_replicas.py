@@ -5,9 +5,13 @@ leaves nothing the others would serve."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -119,3 +123,121 @@ def _quietly(call: Callable[..., object], **kwargs: object) -> None:
 def _index(cache: Path) -> dict:
     path = cache / "index.json"
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+# --------------------------------------------------------------------------- the shared LoRA cache's budget
+
+# One replica's cache traffic: fetch each URL, wait (the other replica evicts meanwhile), read the file the
+# way the adapters stage does, release it. Prints one line per fetch: the bytes read match the server's.
+REPLICA = """
+import hashlib, sys, time
+from pathlib import Path
+from flux_lora.cache import WeightCache
+from flux_lora.http import DownloadPolicy
+from flux_lora.lora_formats import read_lora
+root, budget, pause, urls = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4:]
+cache = WeightCache(root, DownloadPolicy(allow_private=True, backoff=0.01, timeout=5.0, retries=3), budget, 0)
+for url in urls:
+    path = cache.fetch(url)
+    time.sleep(pause)
+    read_lora(path)
+    print(url, hashlib.sha256(path.read_bytes()).hexdigest(), flush=True)
+    cache.release()
+"""
+
+
+def _replica(root: Path, budget: int, pause: float, *urls: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", REPLICA, str(root), str(budget), str(pause), *urls],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finished(replica: subprocess.Popen) -> dict[str, str]:
+    out, err = replica.communicate(timeout=120)
+    assert replica.returncode == 0, err[-2000:]
+    return dict(line.split() for line in out.splitlines())
+
+
+def _consistent(root: Path) -> int:
+    """The index and files/ agree, nothing is staged: the bytes the index accounts for."""
+    index = _index(root)
+    assert sorted(v["file"] for v in index.values()) == sorted(p.name for p in (root / "files").iterdir())
+    assert not list((root / "tmp").iterdir())
+    return sum(v["size"] for v in index.values())
+
+
+def test_two_replicas_filling_the_cache_past_its_budget_at_once_keep_it(tmp_path: Path) -> None:
+    root = tmp_path / "shared-lora-cache"
+    with FakeServer() as fake:
+        files = {f"/loras/{i}.safetensors": lora(10 + i, rank=64) for i in range(8)}
+        urls = [fake.add_file(path, data) for path, data in files.items()]
+        size = len(next(iter(files.values())))
+        budget = 3 * size + 100  # three files: each replica's fetches evict the other's
+        first = _replica(root, budget, 0.3, *urls[:6])
+        second = _replica(root, budget, 0.1, *urls[2:][::-1])
+        seen = {**_finished(first), **_finished(second)}
+        expected = {url: hashlib.sha256(files[url.removeprefix(fake.url)]).hexdigest() for url in urls}
+        assert seen == expected  # every fetch read whole, right bytes, though the other replica was evicting
+        assert _consistent(root) <= budget + 2 * size  # at most each replica's last file, held while read
+        _finished(_replica(root, budget, 0.0, urls[0]))  # the next fetch, nothing held: within budget again
+        assert _consistent(root) <= budget
+
+
+def test_a_path_fetch_returned_stays_loadable_while_another_replica_evicts_it(tmp_path: Path) -> None:
+    from flux_lora.cache import WeightCache
+    from flux_lora.http import DownloadPolicy
+    from flux_lora.lora_formats import read_lora
+
+    root = tmp_path / "shared-lora-cache"
+    with FakeServer() as fake:
+        data = {name: lora(20 + i, rank=64) for i, name in enumerate("abcd")}
+        urls = {name: fake.add_file(f"/loras/{name}.safetensors", blob) for name, blob in data.items()}
+        budget = 2 * len(data["a"]) + 100
+        cache = WeightCache(root, DownloadPolicy(allow_private=True, retries=0), budget, 0)
+        path = cache.fetch(urls["a"])  # this replica has not read it yet...
+        _finished(_replica(root, budget, 0.0, urls["b"], urls["c"]))  # ...when another fills the cache past it
+        assert path.read_bytes() == data["a"] and read_lora(path)[0]  # still whole, still a LoRA
+        refs = sorted(Path(v["ref"]).name for v in _index(root).values())
+        assert refs == ["a.safetensors", "c.safetensors"]  # b went instead; a stays while held, evicted later
+        cache.release()  # read: eviction may take it now
+        _finished(_replica(root, budget, 0.0, urls["d"]))
+        assert not path.exists() and _consistent(root) <= budget
+
+
+# --------------------------------------------------------------------------- the shared store's fp8 copies
+
+QUANTIZE = """
+import hashlib, sys
+from pathlib import Path
+import torch
+from diffusers import FluxTransformer2DModel
+from flux_lora import fast
+store = Path(sys.argv[1])
+source = store / "FLUX.1-dev"
+config = FluxTransformer2DModel.load_config(source, subfolder="transformer")
+transformer, mode = fast.build_fast_transformer(
+    lambda: FluxTransformer2DModel.from_config(config),
+    lambda: FluxTransformer2DModel.from_pretrained(source, subfolder="transformer"),
+    model="dev", store=store, source=source / "transformer", device=torch.device("cpu"), dtype=torch.float32,
+    mode=fast.fp8_mode(torch.device("cpu")),
+)
+digest = hashlib.sha256()
+for name, tensor in sorted(transformer.state_dict().items()):
+    plain = tensor.dequantize() if hasattr(tensor, "dequantize") else tensor
+    digest.update(name.encode() + plain.float().numpy().tobytes())
+print(mode.value, digest.hexdigest())
+"""
+
+
+def test_replicas_starting_together_write_one_prequantized_copy(tiny_store: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store, store)
+    starts = [subprocess.Popen([sys.executable, "-c", QUANTIZE, str(store)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outputs = []
+    for start in starts:
+        out, err = start.communicate(timeout=300)
+        assert start.returncode == 0, err[-2000:]
+        outputs.append(out.split())
+    assert outputs[0][0] == "fp8-weight-only" and all(o == outputs[0] for o in outputs)  # the same tensors
+    copies = list((store / "fast").glob("dev-*.pt"))
+    assert len(copies) == 1 and not list((store / "fast").glob("*.incomplete"))
