@@ -201,6 +201,7 @@ class Service:
             try:
                 path = self.cache.fetch(spec.ref, allow_local=local)
             except UserError as exc:  # the cache's own message, tied to the input it came from
+                self.cache.release()  # this request will read none of its files
                 raise LoraError(f"{field}: {exc}") from None
             out.append(LoraFile(slot, field, spec.ref, path, spec.scale))
         return out
