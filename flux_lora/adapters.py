@@ -292,6 +292,10 @@ class LoraManager:
         }
         if missing := sorted(set(pairs) - set(layers)):  # as peft does on a plain model: ignored, noted
             log.warning("LoRA %s: layers this model lacks are ignored: %s", ref, ", ".join(missing[:3]))
+        for name, (down, up) in pairs.items():
+            layer = layers.get(name)
+            if layer is not None and (down.shape[1], up.shape[0]) != (layer.in_features, layer.out_features):
+                raise SlotError(slot, f"the LoRA {ref!r} does not fit {name}: {tuple(down.shape)} x {tuple(up.shape)}")
         if (got := max((down.shape[0] for down, _ in pairs.values()), default=0)) > rank:
             raise ReservedRankError(
                 slot, f"the LoRA {ref!r} has rank {got}, above the compiled go_fast slots' rank {rank} "
