@@ -173,7 +173,10 @@ def _save_atomic(state: dict[str, torch.Tensor], path: Path, model: str) -> None
     write_atomic(path, lambda tmp: torch.save(state, tmp))
     cutoff = time.time() - 3600
     for stale in path.parent.glob(f"{model}-*.pt*"):
-        if stale.suffix == ".incomplete" and stale.stat().st_mtime > cutoff:
+        try:
+            if stale.suffix == ".incomplete" and stale.stat().st_mtime > cutoff:
+                continue
+        except FileNotFoundError:  # another writer renamed its temp file meanwhile
             continue
         if stale != path and stale.suffix != ".lock":
             stale.unlink(missing_ok=True)
