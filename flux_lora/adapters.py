@@ -157,6 +157,7 @@ class LoraManager:
         # component id -> slot -> identity (path:size:mtime) of the file loaded there
         self._loaded: dict[int, dict[str, str]] = {}
         self._reserved: dict[int, int] = {}  # component id -> rank of its reserved slots
+        self._slot_layers: dict[int, dict[str, nn.Module]] = {}  # component id -> its LoRA layers, found once
         self.loads = 0  # adapter loads so far (tests and the benchmark read it)
 
     def reserve(self, key: Hashable, rank: int | None = None) -> int:
@@ -184,7 +185,10 @@ class LoraManager:
             # Tensor scalings: a new scale is a value written in place, not a constant baked into a graph.
             config = module.peft_config[slot]
             prepare_model_for_compiled_hotswap(module, target_rank=rank, config=config, check_compiled="ignore")
+        from peft.tuners.lora import LoraLayer
+
         self._reserved[id(module)] = rank
+        self._slot_layers[id(module)] = {n: m for n, m in module.named_modules() if isinstance(m, LoraLayer)}
         previous, loaded = dict(loaded), self._loaded.setdefault(id(module), {})
         loaded.clear()
         for slot, identity in previous.items():
@@ -282,10 +286,8 @@ class LoraManager:
     def _copy_in(self, module: nn.Module, slot: str, ref: str, sd: dict[str, torch.Tensor]) -> None:
         """Write a converted LoRA into `slot`'s reserved weights: its rank in the first rows/columns, zeros
         elsewhere and on every layer it does not target. Everything is checked before anything is written."""
-        from peft.tuners.lora import LoraLayer
-
         rank = self._reserved[id(module)]
-        layers = {n: m for n, m in module.named_modules() if isinstance(m, LoraLayer) and slot in m.lora_A}
+        layers = self._slot_layers[id(module)]  # found at `reserve`: a switch walks no module tree
         pairs = {
             key.removesuffix(".lora_A.weight"): (down, sd[key.replace(".lora_A.", ".lora_B.")])
             for key, down in sd.items() if key.endswith(".lora_A.weight")
