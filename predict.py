@@ -20,10 +20,10 @@ from typing import Any, Optional
 
 from cog import BaseRunner, Input, Path
 
-from flux_lora import url_inputs  # guards cog's own fetch of image/mask URLs (see its docstring)
 from flux_lora.errors import UserError, for_cog
-from flux_lora.progress import log_progress
+from flux_lora.generation.progress import log_progress
 from flux_lora.service import HOTSWAP, TRAINED, Service, Variant
+from flux_lora.weights import url_inputs  # guards cog's own fetch of image/mask URLs (see its docstring)
 
 log = logging.getLogger("flux_lora")
 
@@ -131,7 +131,7 @@ class OneAtATime(BaseRunner):
     async def in_turn(self, inputs: dict[str, Any]) -> list[Path]:
         """Wait for the GPU (cancelling here ends the prediction unrun), then run in the GPU thread.
 
-        A cancel during the run stops it at its next denoising step (flux_lora.progress); the GPU
+        A cancel during the run stops it at its next denoising step (flux_lora.generation.progress); the GPU
         is released only once the run has stopped, so the next request never overlaps it.
         """
         url_inputs.check_fetched(self.run, inputs)

@@ -1,3 +1,3 @@
-from flux_lora.cli import main
+from flux_lora.serving.cli import main
 
 raise SystemExit(main())

@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flux_lora.errors import LoraError, UserError
-from flux_lora.refs import shown
 from flux_lora.request import LoraSpec, PipelineKey, Request, build_request, effective_scale
 from flux_lora.settings import Settings
+from flux_lora.weights.refs import shown
 
 if TYPE_CHECKING:
-    from flux_lora.adapters import Wanted
-    from flux_lora.pipelines import Pipelines
-    from flux_lora.safety import SafetyChecker
+    from flux_lora.generation.pipelines import Pipelines
+    from flux_lora.generation.safety import SafetyChecker
+    from flux_lora.lora.adapters import Wanted
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +104,17 @@ class Service:
         with stages("imports"):  # torch and diffusers: the largest part of a warm cold start
             import torch
 
-            from flux_lora.adapters import DEFAULT_HOTSWAP_RANK, LoraManager
-            from flux_lora.cache import WeightCache
-            from flux_lora.fast import should_compile
-            from flux_lora.pipelines import compile_fast_pipelines, load_fast_pipelines, load_pipelines, pick_device
-            from flux_lora.safety import SafetyChecker
-            from flux_lora.store import ensure_store
+            from flux_lora.generation.fast import should_compile
+            from flux_lora.generation.pipelines import (
+                compile_fast_pipelines,
+                load_fast_pipelines,
+                load_pipelines,
+                pick_device,
+            )
+            from flux_lora.generation.safety import SafetyChecker
+            from flux_lora.lora.adapters import DEFAULT_HOTSWAP_RANK, LoraManager
+            from flux_lora.weights.cache import WeightCache
+            from flux_lora.weights.store import ensure_store
 
         self.variant = variant
         self.settings = settings
@@ -209,13 +214,13 @@ class Service:
     @staticmethod
     def wanted(files: list[LoraFile], go_fast: bool) -> list[Wanted]:
         """The adapters to run: files and the scales they run at (go_fast's multiplier applied)."""
-        from flux_lora.adapters import Wanted
+        from flux_lora.lora.adapters import Wanted
 
         return [Wanted(f.slot, f.path, effective_scale(f.scale, go_fast), shown(f.ref)) for f in files]
 
     def apply_loras(self, key: PipelineKey, files: list[LoraFile]) -> None:
         """The adapters stage: `key`'s transformer runs exactly these files; a failure names its input."""
-        from flux_lora.adapters import ReservedRankError, SlotError
+        from flux_lora.lora.adapters import ReservedRankError, SlotError
 
         try:
             self.loras.apply(key, self.wanted(files, key.go_fast))
@@ -229,7 +234,7 @@ class Service:
         """The adapters stage, on the transformer the request runs on (the plain one first goes into the bf16
         slot: its adapters move with it). A LoRA above a compiled transformer's slot rank runs this request
         on the plain transformer instead, logged: the compiled one never changes shape."""
-        from flux_lora.adapters import ReservedRankError
+        from flux_lora.lora.adapters import ReservedRankError
 
         try:
             self._place(request.key)
@@ -254,10 +259,10 @@ class Service:
 
     def predict(self, **inputs: Any) -> list[Path]:
         """request -> inputs -> LoRA files (cache) -> adapters -> generate -> safety -> files."""
-        from flux_lora.inputs import prepare_inputs
-        from flux_lora.outputs import label_batch, prune_outputs, save_images
-        from flux_lora.pipelines import generate
-        from flux_lora.safety import safe_images
+        from flux_lora.generation.inputs import prepare_inputs
+        from flux_lora.generation.outputs import label_batch, prune_outputs, save_images
+        from flux_lora.generation.pipelines import generate
+        from flux_lora.generation.safety import safe_images
 
         start = time.perf_counter()
         request = self.request(inputs)
@@ -283,7 +288,7 @@ class Service:
 
     def _with_trigger_words(self, request: Request, files: list[LoraFile]) -> Request:
         """Log the LoRAs' trigger words, warn when the prompt lacks one (FLUX_LORA_AUTO_TRIGGER prepends it)."""
-        from flux_lora.triggers import check_prompt
+        from flux_lora.lora.triggers import check_prompt
 
         loras = [(f.field, shown(f.ref), self.cache.trigger_words(f.path)) for f in files]
         prompt = check_prompt(request.prompt, loras, self.settings.auto_trigger)

@@ -42,7 +42,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from flux_lora import fast  # noqa: E402
+from flux_lora.generation import fast  # noqa: E402
 from flux_lora.service import HOTSWAP, Modules, Service  # noqa: E402
 from flux_lora.settings import Settings  # noqa: E402
 
@@ -147,8 +147,14 @@ def real_shape_modules(device: torch.device, dtype: torch.dtype) -> Modules:
     from diffusers import FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from flux_lora.pipelines import assemble
-    from flux_lora.tiny import dev_scheduler, flux_vae, schnell_scheduler, tiny_clip_tokenizer, tiny_t5_tokenizer
+    from flux_lora.generation.pipelines import assemble
+    from flux_lora.generation.tiny import (
+        dev_scheduler,
+        flux_vae,
+        schnell_scheduler,
+        tiny_clip_tokenizer,
+        tiny_t5_tokenizer,
+    )
 
     with torch.device("meta"):
         dev_t = FluxTransformer2DModel(guidance_embeds=True)
@@ -171,8 +177,8 @@ def real_shape_modules(device: torch.device, dtype: torch.dtype) -> Modules:
 
 
 def tiny_modules(store: Path, device: torch.device, dtype: torch.dtype) -> Modules:
-    from flux_lora.pipelines import load_pipelines
-    from flux_lora.safety import SafetyChecker
+    from flux_lora.generation.pipelines import load_pipelines
+    from flux_lora.generation.safety import SafetyChecker
 
     return Modules(load_pipelines(store, device, dtype), SafetyChecker.load(store, device, dtype))
 
@@ -515,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     # Setup rows: always run (a resumed run needs the state); a failure here ends the run.
     store = None
     if not gpu:
-        from flux_lora.tiny import make_tiny_store
+        from flux_lora.generation.tiny import make_tiny_store
 
         store = make_tiny_store(workdir / "tiny")
     built: dict[str, Modules] = {}

@@ -23,7 +23,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from fakes import FakeServer  # noqa: E402
 
-from flux_lora.http import Downloader, DownloadPolicy, Target  # noqa: E402
+from flux_lora.weights.http import Downloader, DownloadPolicy, Target  # noqa: E402
 
 
 def timed(fn) -> float:

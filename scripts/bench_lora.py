@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import lora_samples as S  # noqa: E402
 
-from flux_lora.adapters import LoraManager, Wanted  # noqa: E402
+from flux_lora.lora.adapters import LoraManager, Wanted  # noqa: E402
 
 
 def median_time(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
@@ -47,7 +47,7 @@ def build(real: bool, device: torch.device, dtype: torch.dtype, workdir: Path):
         pipe = FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
                             tokenizer_2=None, transformer=transformer)
         return pipe
-    from flux_lora.tiny import make_tiny_store
+    from flux_lora.generation.tiny import make_tiny_store
 
     store = make_tiny_store(workdir / "store")
     return FluxPipeline.from_pretrained(store / "FLUX.1-dev", dtype=dtype).to(device)

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from transformers import CLIPConfig, ViTConfig
 
-from flux_lora.safety import (
+from flux_lora.generation.safety import (
     SafetyChecker,
     clip_processor,
     make_tiny_checkers,

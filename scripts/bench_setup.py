@@ -35,13 +35,13 @@ def main() -> None:
     t, _ = timed(lambda: __import__("diffusers").FluxPipeline)
     rows.append(("import diffusers FluxPipeline", t))
 
-    from flux_lora.pipelines import load_pipelines, pick_device
-    from flux_lora.store import MODELS, ensure_store, model_problems
+    from flux_lora.generation.pipelines import load_pipelines, pick_device
+    from flux_lora.weights.store import MODELS, ensure_store, model_problems
 
     with tempfile.TemporaryDirectory() as tmp:
         store = args.store
         if store is None:
-            from flux_lora.tiny import make_tiny_store
+            from flux_lora.generation.tiny import make_tiny_store
 
             t, store = timed(lambda: make_tiny_store(Path(tmp) / "store"))
             rows.append(("make_tiny_store (not part of setup)", t))

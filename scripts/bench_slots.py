@@ -1,7 +1,7 @@
 """What the reserved LoRA slots of a compiled go_fast transformer cost, at the real FLUX.1 widths.
 
 A compiled transformer holds two zero-filled adapters (main, extra) of the reserved rank on every linear
-from setup on (flux_lora/adapters.py), so their matmuls run on every step whatever LoRA is loaded. This
+from setup on (flux_lora/lora/adapters.py), so their matmuls run on every step whatever LoRA is loaded. This
 times one real-shape double block and one single block (3072 wide; on an H100 fp8 as go_fast runs
 there, on a CPU in float32, as fp8 weight-only on a CPU dequantizes every weight on every call and would
 hide the adapters' cost) with both slots at each rank against the same blocks without adapters, in the
@@ -24,7 +24,7 @@ import torch
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 from peft import LoraConfig, inject_adapter_in_model
 
-from flux_lora import fast
+from flux_lora.generation import fast
 
 DIM, HEADS, HEAD_DIM = 3072, 24, 128
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import requests
 
-from flux_lora.server import wait_ready
+from flux_lora.serving.server import wait_ready
 
 
 def predict(url: str, out: Path, name: str, **inputs: object) -> list[Path]:

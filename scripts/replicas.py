@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from flux_lora.server import wait_ready
+from flux_lora.serving.server import wait_ready
 
 
 def main() -> int:
@@ -29,7 +29,7 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="flux-replicas-"))
     if args.store is None:
-        from flux_lora.tiny import make_tiny_store
+        from flux_lora.generation.tiny import make_tiny_store
 
         args.store = make_tiny_store(work / "store")
     env = dict(os.environ, FLUX_LORA_WEIGHTS=str(args.store.resolve()))

@@ -146,7 +146,7 @@ def leftovers(tmp: Path, cache: Path) -> tuple[list[Path], int]:
     """Files the server left in its temporary directory and the LoRA cache's staging area, apart from the
     newest KEEP_OUTPUTS prediction directories it keeps on purpose (cog may still be reading them);
     and how many files those hold."""
-    from flux_lora.outputs import PREFIX
+    from flux_lora.generation.outputs import PREFIX
     from flux_lora.service import KEEP_OUTPUTS
 
     predictions = sorted(tmp.rglob(PREFIX + "*"), key=lambda p: p.stat().st_mtime_ns)
@@ -220,8 +220,8 @@ def main() -> int:
     parser.add_argument("--store", type=Path, help="a store to use (default: a tiny one in a temp dir)")
     args = parser.parse_args()
 
-    from flux_lora.server import wait_ready
-    from flux_lora.tiny import make_tiny_store
+    from flux_lora.generation.tiny import make_tiny_store
+    from flux_lora.serving.server import wait_ready
 
     work = Path(tempfile.mkdtemp(prefix="flux-soak-"))
     store = args.store or make_tiny_store(work / "store")

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/seeds.py and friends
 
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from flux_lora.tiny import make_tiny_store
+    from flux_lora.generation.tiny import make_tiny_store
 
     return make_tiny_store(tmp_path_factory.mktemp("store"))
 

@@ -3,7 +3,7 @@
 One random LoRA is described once in BFL (original FLUX) terms, `{bfl_module: (down, up)}` with
 alpha folded in, and written out in each format: so the same adapter in two formats must give the
 same image, which tests the conversions' semantics and not only that "something changed".
-The mapping to diffusers names here is written independently of flux_lora/lora_formats.py (a test oracle).
+The mapping to diffusers names here is written independently of flux_lora/lora/formats.py (a test oracle).
 """
 
 from __future__ import annotations

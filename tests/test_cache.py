@@ -19,8 +19,6 @@ import pytest
 from fakes import FakeServer, tar_of
 from safetensors.numpy import save
 
-from flux_lora import http as http_mod
-from flux_lora.cache import WeightCache
 from flux_lora.errors import (
     BlockedUrlError,
     LocalFileRefused,
@@ -30,8 +28,10 @@ from flux_lora.errors import (
     WeightsNotFound,
     WeightsTooLarge,
 )
-from flux_lora.http import DownloadPolicy
 from flux_lora.settings import Settings
+from flux_lora.weights import http as http_mod
+from flux_lora.weights.cache import WeightCache
+from flux_lora.weights.http import DownloadPolicy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -596,7 +596,7 @@ def test_an_unreachable_hub_is_a_user_error_not_a_missing_file(env, monkeypatch,
 
 
 def test_an_unreachable_hub_is_one_line_from_the_command_line(env, monkeypatch, capsys):
-    from flux_lora import cli
+    from flux_lora.serving import cli
 
     monkeypatch.setenv("HF_ENDPOINT", _dead_url())
     monkeypatch.setattr("huggingface_hub.utils._http.time.sleep", lambda s: None)
@@ -608,7 +608,7 @@ def test_an_unreachable_hub_is_one_line_from_the_command_line(env, monkeypatch, 
 def test_the_shared_hub_error_mapping():
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
-    from flux_lora.hub import hub_failure
+    from flux_lora.weights.hub import hub_failure
 
     assert hub_failure(LocalEntryNotFoundError("offline")).kind == "unreachable"
     assert hub_failure(EntryNotFoundError("gone")).kind == "entry"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flux_lora.cli import main
+from flux_lora.serving.cli import main
 
 FAST = ["-i", "num_inference_steps=2", "-i", "megapixels=0.25"]
 
@@ -108,7 +108,7 @@ def test_console_script_exits_without_a_traceback(store_env: Path, tmp_path: Pat
 
 
 def test_make_tiny_is_deterministic_and_complete(tiny_store: Path, tmp_path: Path) -> None:
-    from flux_lora.tiny import make_tiny_store
+    from flux_lora.generation.tiny import make_tiny_store
 
     again = make_tiny_store(tmp_path / "again")
     for rel in ("FLUX.1-dev/transformer/diffusion_pytorch_model.safetensors",
@@ -120,7 +120,7 @@ def test_make_tiny_is_deterministic_and_complete(tiny_store: Path, tmp_path: Pat
 
 
 def test_schema_command_prints_the_schema(capsys: pytest.CaptureFixture[str]) -> None:
-    from flux_lora.schema import schema_json
+    from flux_lora.serving.schema import schema_json
 
     assert main(["schema", "--predictor", "trained"]) == 0
     assert capsys.readouterr().out.strip() == schema_json("trained")
@@ -131,7 +131,7 @@ def nsfw_store(tiny_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     """The tiny store with checkers rigged so both flag every image."""
     import shutil
 
-    from flux_lora.safety import make_tiny_checkers
+    from flux_lora.generation.safety import make_tiny_checkers
 
     store = tmp_path / "nsfw-store"
     shutil.copytree(tiny_store, store)

@@ -22,10 +22,10 @@ import torch
 from fakes import FakeServer
 from PIL import Image
 
-from flux_lora import fast
+from flux_lora.generation import fast
+from flux_lora.generation.tiny import make_tiny_store
 from flux_lora.service import HOTSWAP, TRAINED, Service
 from flux_lora.settings import Settings
-from flux_lora.tiny import make_tiny_store
 
 BACKEND = os.environ.get("FLUX_LORA_TEST_BACKEND", "eager")
 RANK = 8  # the reserved slots' rank in these tests (FLUX_LORA_HOTSWAP_RANK)

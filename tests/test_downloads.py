@@ -20,9 +20,9 @@ import pytest
 from fakes import FakeServer
 from tqdm import tqdm
 
-from flux_lora.download_progress import PREDICTION_PROGRESS, Progress
 from flux_lora.errors import BlockedUrlError, WeightsUnreachable
-from flux_lora.http import Downloader, DownloadPolicy, Target
+from flux_lora.weights.download_progress import PREDICTION_PROGRESS, Progress
+from flux_lora.weights.http import Downloader, DownloadPolicy, Target
 
 PAYLOAD = b"weights" * 1000
 _real_getaddrinfo = socket.getaddrinfo

@@ -17,13 +17,13 @@ import pytest
 import torch
 from PIL import Image
 
-from flux_lora import fast
-from flux_lora.fast import Fp8Mode, WarmupShape
-from flux_lora.inputs import prepare_inputs
-from flux_lora.pipelines import generate, load_fast_pipelines, load_pipelines
+from flux_lora.generation import fast
+from flux_lora.generation.fast import Fp8Mode, WarmupShape
+from flux_lora.generation.inputs import prepare_inputs
+from flux_lora.generation.pipelines import generate, load_fast_pipelines, load_pipelines
+from flux_lora.generation.tiny import make_tiny_store
 from flux_lora.request import Mode, PipelineKey, build_request
 from flux_lora.settings import Settings
-from flux_lora.tiny import make_tiny_store
 
 CPU = torch.device("cpu")
 REL_L2_BOUND = 0.08
@@ -94,7 +94,7 @@ def test_without_torchao_go_fast_is_the_plain_model_with_a_notice(
 
 def test_fp8_that_fails_to_build_falls_back_with_a_notice(caplog: pytest.LogCaptureFixture):
     """Dynamic fp8 forced onto a CPU (as if the capability check had said yes): torchao refuses it."""
-    from flux_lora.tiny import tiny_transformer
+    from flux_lora.generation.tiny import tiny_transformer
 
     with caplog.at_level(logging.WARNING, logger="flux_lora"):
         ran = fast.quantize_transformer(tiny_transformer(True), Fp8Mode.DYNAMIC)
@@ -106,7 +106,7 @@ def test_running_out_of_memory_while_quantizing_fails_setup(monkeypatch: pytest.
     """An OOM is not "no fp8 here": serving plain weights under the go_fast name would hide it."""
     import torchao.quantization
 
-    from flux_lora.tiny import tiny_transformer
+    from flux_lora.generation.tiny import tiny_transformer
 
     def out_of_memory(*args: object, **kwargs: object) -> None:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 72.00 MiB")
@@ -336,8 +336,8 @@ def test_the_decoder_slices_batches_and_tiles_only_above_1024(pipelines):
 
 
 def test_residency_keeps_one_host_copy_per_base_weight_through_lora_injection():
-    from flux_lora.memory import Residency
-    from flux_lora.tiny import tiny_transformer
+    from flux_lora.generation.memory import Residency
+    from flux_lora.generation.tiny import tiny_transformer
 
     torch.manual_seed(0)
     a, b = tiny_transformer(guidance_embeds=True), tiny_transformer(guidance_embeds=True)
@@ -361,8 +361,8 @@ def test_residency_packs_each_model_into_one_exact_size_host_buffer_at_setup():
     """The layout, on CPU: one buffer per model (the resident one too) of exactly the aligned sizes'
     sum, every parked base weight a view into it, LoRAs outside it. Pinning itself (cudaHostRegister)
     and a real host-to-device move need CUDA: on CPU `ensure` moves nothing and nothing is pinned."""
-    from flux_lora.memory import ALIGN, Residency
-    from flux_lora.tiny import tiny_transformer
+    from flux_lora.generation.memory import ALIGN, Residency
+    from flux_lora.generation.tiny import tiny_transformer
 
     torch.manual_seed(0)
     a, b = tiny_transformer(guidance_embeds=True), tiny_transformer(guidance_embeds=True)
@@ -409,8 +409,8 @@ def test_the_bf16_slot_path_of_a_service_runs_on_cpu(store: Path, tmp_path: Path
     at other alignments, and the slot's packed buffer aligns weights to 256 bytes)."""
     import dataclasses
 
-    from flux_lora.memory import Residency
-    from flux_lora.safety import SafetyChecker
+    from flux_lora.generation.memory import Residency
+    from flux_lora.generation.safety import SafetyChecker
     from flux_lora.service import HOTSWAP, Modules, Service
 
     settings = dataclasses.replace(Settings.from_env(), weights_dir=store, cache_dir=tmp_path / "cache",

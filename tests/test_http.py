@@ -10,7 +10,7 @@ import requests
 from conftest import CogServer, data_uri, decode_output
 from PIL import Image
 
-from flux_lora.schema import schema_json
+from flux_lora.serving.schema import schema_json
 
 FAST = {"num_inference_steps": 2, "megapixels": "0.25"}
 

@@ -22,13 +22,13 @@ from conftest import CogServer
 from fakes import FakeServer
 from PIL import Image
 
-from flux_lora.adapters import LoraManager, Wanted, _Lru
 from flux_lora.errors import LoraError, UserError
-from flux_lora.lora_formats import ModelNames, convert_lora
+from flux_lora.generation.tiny import make_tiny_store
+from flux_lora.lora.adapters import LoraManager, Wanted, _Lru
+from flux_lora.lora.formats import ModelNames, convert_lora
 from flux_lora.request import LoraSpec, PipelineKey, effective_scale
 from flux_lora.service import HOTSWAP, TRAINED, LoraFile, Service
 from flux_lora.settings import Settings
-from flux_lora.tiny import make_tiny_store
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +135,7 @@ def url(server: FakeServer, name: str) -> str:
 
 # --------------------------------------------------------------------------- one request, read top to bottom
 
-STAGES = {"request": 0, "inputs": 0, "cache": 1, "sources": 1, "adapters": 2, "lora_formats": 2, "pipelines": 3,
+STAGES = {"request": 0, "inputs": 0, "cache": 1, "sources": 1, "adapters": 2, "formats": 2, "pipelines": 3,
           "safety": 4, "outputs": 5}
 
 
@@ -161,7 +161,7 @@ def test_a_prediction_runs_its_stages_in_order(service, server, input_image):
         sys.setprofile(None)
     order = [STAGES[m] for m in first if m in STAGES]
     assert order == sorted(order), " -> ".join(first)
-    assert set(STAGES) - {"lora_formats"} <= set(first), first  # formats: only when not converted before
+    assert set(STAGES) - {"formats"} <= set(first), first  # formats: only when not converted before
 
 # --------------------------------------------------------------------------- formats
 
@@ -206,7 +206,7 @@ def test_main_plus_extra_differs_from_each_alone(service, server, input_image):
 
 def test_same_lora_as_main_and_extra_counts_once(service, server, input_image, caplog):
     main = run(service, input_image, replicate_weights=url(server, "peft"))
-    with caplog.at_level(logging.WARNING, logger="flux_lora.adapters"):
+    with caplog.at_level(logging.WARNING, logger="flux_lora.lora.adapters"):
         twice = run(service, input_image, replicate_weights=url(server, "peft"), extra_lora=url(server, "peft"))
     assert np.array_equal(main, twice)
     assert "same LoRA" in caplog.text
@@ -302,7 +302,7 @@ def test_lycoris_is_rejected_and_t5_parts_are_skipped(service, caplog):
     lora = S.as_kohya(S.random_lora(dev.transformer, 1, only=("img_attn.proj",)))
     lora["lora_te2_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight"] = torch.ones(4, 32)
     lora["lora_te2_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight"] = torch.ones(32, 4)
-    with caplog.at_level(logging.WARNING, logger="flux_lora.lora_formats"):
+    with caplog.at_level(logging.WARNING, logger="flux_lora.lora.formats"):
         converted = convert_lora(lora, names)
     assert len(converted.transformer) == 2 and "T5" in caplog.text
 
@@ -341,7 +341,7 @@ def test_trained_variant_with_a_bad_cog_weights_fails_setup(settings, server):
 def test_manager_reloads_nothing_when_references_repeat(store, service, server, monkeypatch):
     from diffusers import FluxTransformer2DModel
 
-    from flux_lora import adapters
+    from flux_lora.lora import adapters
 
     transformer = FluxTransformer2DModel.from_pretrained(store / "FLUX.1-schnell", subfolder="transformer")
     reads: list[Path] = []
@@ -377,7 +377,7 @@ def test_manager_reads_a_file_replaced_at_the_same_path_again(store, loras, tmp_
 
 
 def test_flux_lora_predict_command_applies_the_lora(settings, server, input_image, tmp_path, service):
-    from flux_lora.cli import main
+    from flux_lora.serving.cli import main
 
     args = ["predict", "-i", "prompt=a cat", "-i", f"image=@{input_image}", "-i", "prompt_strength=1.0",
             "-i", "num_inference_steps=2", "-i", "seed=7", "-i", "output_format=png",
@@ -507,10 +507,10 @@ def test_reserved_slots_take_main_and_extra_of_any_rank_without_recompiling(tmp_
     recompiles; a rank above the slots' is refused with ReservedRankError and leaves the slots as they were."""
     import torch._dynamo
 
-    from flux_lora import fast
-    from flux_lora.adapters import ReservedRankError
-    from flux_lora.fast import WarmupShape
-    from flux_lora.tiny import tiny_transformer
+    from flux_lora.generation import fast
+    from flux_lora.generation.fast import WarmupShape
+    from flux_lora.generation.tiny import tiny_transformer
+    from flux_lora.lora.adapters import ReservedRankError
 
     torch._dynamo.reset()
     transformer = tiny_transformer(True).eval()

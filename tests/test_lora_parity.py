@@ -28,7 +28,7 @@ from fakes import FakeServer
 from PIL import Image
 from torch import nn
 
-from flux_lora.lora_formats import ModelNames, convert_lora
+from flux_lora.lora.formats import ModelNames, convert_lora
 from flux_lora.service import HOTSWAP, TRAINED, Service
 from flux_lora.settings import Settings
 
@@ -62,7 +62,7 @@ def run(service: Service, image: str, **inputs: object) -> np.ndarray:
 
 def cli(out: Path, image: str, *inputs: str, predictor: str = "hotswap") -> np.ndarray:
     """The same prediction through `flux-lora predict` (a fresh Service, cog's input validation)."""
-    from flux_lora.cli import main
+    from flux_lora.serving.cli import main
 
     args = ["predict", "--predictor", predictor, "-o", str(out), "-i", f"image=@{image}"]
     for item in (*(f"{k}={str(v).lower()}" for k, v in COMMON.items()), *inputs):
@@ -224,7 +224,7 @@ def test_each_spelling_changes_the_clip_output_and_the_image_the_same_way(servic
 
 
 def test_a_full_kohya_file_applies_transformer_and_clip_and_skips_t5(service, server, input_image, caplog):
-    with caplog.at_level(logging.WARNING, logger="flux_lora.lora_formats"):
+    with caplog.at_level(logging.WARNING, logger="flux_lora.lora.formats"):
         full = run(service, input_image, replicate_weights=url(server, "kohya_full"))
     assert "T5" in caplog.text and "match no FLUX module" not in caplog.text
     transformer_only = run(service, input_image, replicate_weights=url(server, "kohya_transformer"))

@@ -10,7 +10,7 @@ import pytest
 from PIL import ExifTags, Image
 
 from flux_lora.errors import MAX_SHOWN, Failure, UserError, for_cog, shorten
-from flux_lora.outputs import JPEG_TEXT_LIMIT, label_batch, parameters_text, prune_outputs, save_images
+from flux_lora.generation.outputs import JPEG_TEXT_LIMIT, label_batch, parameters_text, prune_outputs, save_images
 from flux_lora.request import InputError, build_request
 from flux_lora.settings import Settings
 

@@ -18,7 +18,7 @@ from conftest import CogServer, data_uri, server_env
 from fakes import FakeServer
 from PIL import ExifTags, Image
 
-from flux_lora.cli import main
+from flux_lora.serving.cli import main
 
 FAST = {"num_inference_steps": 2, "megapixels": "0.25"}
 COGLET_PREFIX = "Prediction failed: Async prediction failed: "  # coglet's own (see flux_lora.errors.Failure)

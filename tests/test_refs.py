@@ -3,7 +3,7 @@
 import pytest
 
 from flux_lora.errors import UserError
-from flux_lora.refs import (
+from flux_lora.weights.refs import (
     CivitaiModelRef,
     CivitaiVersionRef,
     DataUri,

@@ -132,9 +132,9 @@ def _index(cache: Path) -> dict:
 REPLICA = """
 import hashlib, sys, time
 from pathlib import Path
-from flux_lora.cache import WeightCache
-from flux_lora.http import DownloadPolicy
-from flux_lora.lora_formats import read_lora
+from flux_lora.weights.cache import WeightCache
+from flux_lora.weights.http import DownloadPolicy
+from flux_lora.lora.formats import read_lora
 root, budget, pause, urls = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4:]
 cache = WeightCache(root, DownloadPolicy(allow_private=True, backoff=0.01, timeout=5.0, retries=3), budget, 0)
 for url in urls:
@@ -183,9 +183,9 @@ def test_two_replicas_filling_the_cache_past_its_budget_at_once_keep_it(tmp_path
 
 
 def test_a_path_fetch_returned_stays_loadable_while_another_replica_evicts_it(tmp_path: Path) -> None:
-    from flux_lora.cache import WeightCache
-    from flux_lora.http import DownloadPolicy
-    from flux_lora.lora_formats import read_lora
+    from flux_lora.lora.formats import read_lora
+    from flux_lora.weights.cache import WeightCache
+    from flux_lora.weights.http import DownloadPolicy
 
     root = tmp_path / "shared-lora-cache"
     with FakeServer() as fake:
@@ -210,7 +210,7 @@ import hashlib, sys
 from pathlib import Path
 import torch
 from diffusers import FluxTransformer2DModel
-from flux_lora import fast
+from flux_lora.generation import fast
 store = Path(sys.argv[1])
 source = store / "FLUX.1-dev"
 config = FluxTransformer2DModel.load_config(source, subfolder="transformer")

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from flux_lora.errors import UserError
-from flux_lora.safety import (
+from flux_lora.generation.safety import (
     FALCON_DIR,
     NSFW_MESSAGE,
     SD_CHECKER_DIR,
@@ -115,7 +115,7 @@ def test_sd_flag_overruled_by_falcon_normal(stores: dict, images: list) -> None:
 def test_both_flag_drops_only_those_in_order(stores: dict, images: list, caplog) -> None:
     checker, sd, falcon = load(stores["never", "nsfw"])
     flag_only(checker, images, [1, 3])
-    caplog.set_level(logging.INFO, logger="flux_lora.safety")
+    caplog.set_level(logging.INFO, logger="flux_lora.generation.safety")
     assert checker.filter(images) == [0, 2]
     assert sd.batches == [4]
     assert falcon.batches == [2]  # only the flagged images

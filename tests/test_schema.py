@@ -7,7 +7,7 @@ import json
 import pytest
 from seeds import seed_fields
 
-from flux_lora.schema import encode, schema_json
+from flux_lora.serving.schema import encode, schema_json
 
 ENUM_TYPES = {"string (enum)", "None"}  # the two page renderings of a choices field
 

@@ -20,8 +20,8 @@ import yaml
 from conftest import ROOT, CogServer, data_uri
 from PIL import Image
 
-from flux_lora.progress import StepBar, StepLog
-from flux_lora.server import MAX_CONCURRENCY
+from flux_lora.generation.progress import StepBar, StepLog
+from flux_lora.serving.server import MAX_CONCURRENCY
 
 # Small and quick: 256x256, one step, no safety checker (about 0.1 s a prediction on the tiny store).
 QUICK = {"prompt": "x", "num_inference_steps": 1, "aspect_ratio": "custom", "width": 256, "height": 256,

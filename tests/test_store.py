@@ -16,9 +16,9 @@ import pytest
 from fakes import FakeServer, Recorded
 from safetensors.numpy import save
 
-from flux_lora import cli
+from flux_lora.serving import cli
 from flux_lora.settings import Settings
-from flux_lora.store import (
+from flux_lora.weights.store import (
     COMPLETE_MARKER,
     MODELS,
     StoreError,
@@ -302,7 +302,7 @@ def test_offline_refuses_the_remains_of_an_interrupted_download(hub: FakeServer,
 
 def test_download_base_then_a_prediction_runs(hub: FakeServer, tmp_path: Path) -> None:
     """The tiny FLUX served under the real names is downloaded by `download-base` and then predicts."""
-    from flux_lora.tiny import make_tiny_store
+    from flux_lora.generation.tiny import make_tiny_store
 
     made = make_tiny_store(tmp_path / "made")
     for repo_id, folder in ((DEV, "FLUX.1-dev"), (SCHNELL, "FLUX.1-schnell")):

@@ -16,9 +16,9 @@ from PIL import Image
 from safetensors.numpy import save
 from test_cache import peft_lora
 
-from flux_lora import triggers
-from flux_lora.cache import WeightCache
-from flux_lora.http import DownloadPolicy
+from flux_lora.lora import triggers
+from flux_lora.weights.cache import WeightCache
+from flux_lora.weights.http import DownloadPolicy
 
 AI_TOOLKIT_CONFIG = """\
 job: extension
@@ -112,8 +112,8 @@ def test_the_recheck_window_survives_a_restart(server: FakeServer, env: Path) ->
     assert server.count("GET", "/acme/busy/_weights") == 1
     # a new process (a container restart, `flux-lora predict`) within the window: no request at all
     code = (
-        "import sys; from pathlib import Path; from flux_lora.cache import WeightCache; "
-        "from flux_lora.http import DownloadPolicy; "
+        "import sys; from pathlib import Path; from flux_lora.weights.cache import WeightCache; "
+        "from flux_lora.weights.http import DownloadPolicy; "
         "c = WeightCache(Path(sys.argv[1]), DownloadPolicy(allow_private=True, retries=0), 1 << 30, 0, "
         "recheck_seconds=60); print(c.fetch('acme/busy'))"
     )
@@ -128,12 +128,12 @@ def test_the_recheck_window_survives_a_restart(server: FakeServer, env: Path) ->
 
 def test_check_prompt_warns_and_prepends_only_when_asked(caplog: pytest.LogCaptureFixture) -> None:
     loras = [("replicate_weights", "acme/ziki", ["ZIKI"]), ("extra_lora", "https://x/y.safetensors", ["sty"])]
-    with caplog.at_level("INFO", logger="flux_lora.triggers"):
+    with caplog.at_level("INFO", logger="flux_lora.lora.triggers"):
         assert triggers.check_prompt("a ziki cat", loras, auto=False) == "a ziki cat"
     assert "trigger word 'ZIKI'" in caplog.text and "does not contain 'sty'" in caplog.text
     assert "does not contain 'ZIKI'" not in caplog.text
     caplog.clear()
-    with caplog.at_level("INFO", logger="flux_lora.triggers"):
+    with caplog.at_level("INFO", logger="flux_lora.lora.triggers"):
         assert triggers.check_prompt("a cat", loras, auto=True) == "ZIKI, sty, a cat"
     assert "Prepended 'ZIKI'" in caplog.text and "Prepended 'sty'" in caplog.text
 
@@ -142,7 +142,7 @@ def test_check_prompt_warns_and_prepends_only_when_asked(caplog: pytest.LogCaptu
 def test_flux_lora_predict_warns_or_prepends(store_env: Path, server: FakeServer, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
                                                auto: bool) -> None:
-    from flux_lora.cli import main
+    from flux_lora.serving.cli import main
 
     monkeypatch.setenv("FLUX_LORA_REPLICATE_URL", server.url)
     monkeypatch.setenv("FLUX_LORA_ALLOW_PRIVATE_URLS", "1")

@@ -59,13 +59,13 @@ def _error(response) -> str:
 
 
 def test_the_pinned_cog_fetches_path_inputs_through_the_guard() -> None:
-    """The guard (flux_lora/url_inputs.py) relies on how cog 0.23.1 fetches `cog.Path` URL inputs:
+    """The guard (flux_lora/weights/url_inputs.py) relies on how cog 0.23.1 fetches `cog.Path` URL inputs:
     coglet looks up `cog.types.Path.validate` for each value and calls `convert()` on each `URLPath`
     it gets back. Another cog must be read again before this test is updated."""
     import cog
     import cog.types
 
-    import flux_lora.url_inputs as guard
+    import flux_lora.weights.url_inputs as guard
 
     assert (cog.__version__, coglet.__version__) == ("0.23.1", "0.23.1")
     binary = Path(coglet._impl.__file__).read_bytes()

@@ -20,7 +20,7 @@ from PIL import ExifTags, Image
 from PIL.PngImagePlugin import PngInfo
 
 from flux_lora.errors import shorten
-from flux_lora.refs import shown
+from flux_lora.weights.refs import shown
 
 if TYPE_CHECKING:
     from flux_lora.request import Request

@@ -23,12 +23,12 @@ from diffusers import (
 )
 from PIL import Image
 
-from flux_lora.inputs import Conditioning
+from flux_lora.generation.inputs import Conditioning
 from flux_lora.request import Mode, PipelineKey, Request
-from flux_lora.store import DEV_DIR, SCHNELL_DIR
+from flux_lora.weights.store import DEV_DIR, SCHNELL_DIR
 
 if TYPE_CHECKING:
-    from flux_lora.memory import Residency
+    from flux_lora.generation.memory import Residency
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def assemble(
     schnell = FluxPipeline.from_pipe(dev, transformer=schnell_transformer, scheduler=schnell_scheduler, dtype=dtype)
     residency = None
     if device.type == "cuda":
-        from flux_lora.memory import Residency
+        from flux_lora.generation.memory import Residency
 
         # Both bf16 transformers plus the fp8 copies exceed 80 GB: they share one GPU slot.
         residency = Residency(device, {"dev": dev.transformer, "schnell": schnell_transformer}, resident="dev")
@@ -149,7 +149,7 @@ def load_fast_pipelines(
     modules, which a compiled module's parameters no longer allow). Where no fp8 can run, go_fast
     shares the plain transformers, after a logged notice.
     """
-    from flux_lora import fast
+    from flux_lora.generation import fast
 
     start = time.perf_counter()
     device, dtype = pipelines.device, pipelines.dtype
@@ -201,8 +201,8 @@ def compile_fast_pipelines(pipelines: Pipelines, store: Path | None, backend: st
     compile cache lives under `store` and is saved for the next cold start. Returns the seconds spent
     compiling (the first call of each model, which traces and builds the graphs) and warming up (the rest).
     """
-    from flux_lora import fast
-    from flux_lora.inputs import prepare_inputs
+    from flux_lora.generation import fast
+    from flux_lora.generation.inputs import prepare_inputs
     from flux_lora.request import build_request
 
     assert pipelines.fast is not None, "load_fast_pipelines first"

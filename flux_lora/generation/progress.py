@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from tqdm import tqdm
 
 if TYPE_CHECKING:
-    from flux_lora.pipelines import Pipelines
+    from flux_lora.generation.pipelines import Pipelines
 
 _CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|[\x00-\x08\x0b-\x1f\x7f]")  # ANSI codes, other controls
 

@@ -28,8 +28,8 @@ from transformers import (
 from transformers.image_processing_utils import BaseImageProcessor
 
 from flux_lora.errors import UserError
-from flux_lora.store import FALCON_DIR
-from flux_lora.store import SAFETY_CHECKER_DIR as SD_CHECKER_DIR
+from flux_lora.weights.store import FALCON_DIR
+from flux_lora.weights.store import SAFETY_CHECKER_DIR as SD_CHECKER_DIR
 
 log = logging.getLogger(__name__)
 # The SD checker's "a black image will be returned instead" warning is not what we do; we log our own.

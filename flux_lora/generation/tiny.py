@@ -24,8 +24,8 @@ from transformers import (
     T5TokenizerFast,
 )
 
-from flux_lora.safety import make_tiny_checkers
-from flux_lora.store import DEV_DIR, SCHNELL_DIR
+from flux_lora.generation.safety import make_tiny_checkers
+from flux_lora.weights.store import DEV_DIR, SCHNELL_DIR
 
 TEXT_DIM = 32  # CLIP hidden size == pooled_projection_dim; T5 d_model == joint_attention_dim
 _WORDS = (  # noqa: SIM905

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from flux_lora.errors import LoraError
-from flux_lora.lora_formats import ConvertedLora, ModelNames, convert_lora, read_lora
+from flux_lora.lora.formats import ConvertedLora, ModelNames, convert_lora, read_lora
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from flux_lora.errors import LoraError
-from flux_lora.lora_names import ModelNames, Part, flat_name
+from flux_lora.lora.names import ModelNames, Part, flat_name
 
 log = logging.getLogger(__name__)
 

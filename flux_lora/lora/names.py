@@ -3,7 +3,7 @@
 Trainers name FLUX modules three ways (diffusers, BFL's original `double_blocks`, kohya's flattened
 forms) and CLIP two ways (with and without transformers < 5's `text_model.`). `ModelNames` maps every
 spelling onto the loaded model's own linear layers, with fused BFL layers (`qkv`, `linear1`) split by
-the widths read off the model, so conversion (`lora_formats.py`) never assumes the real FLUX sizes.
+the widths read off the model, so conversion (`formats.py`) never assumes the real FLUX sizes.
 """
 
 from __future__ import annotations

@@ -14,27 +14,27 @@ log = logging.getLogger("flux_lora")
 
 
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
-    from flux_lora.tiny import make_tiny_store
+    from flux_lora.generation.tiny import make_tiny_store
 
     print(make_tiny_store(Path(args.dir)))
     return 0
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
-    from flux_lora.schema import schema_json
+    from flux_lora.serving.schema import schema_json
 
     print(schema_json(args.predictor))
     return 0
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from flux_lora.server import serve
+    from flux_lora.serving.server import serve
 
     return serve(args.predictor, host=args.host, port=args.port, upload_url=args.upload_url)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from flux_lora.local import parse_inputs, run_local
+    from flux_lora.serving.local import parse_inputs, run_local
 
     paths = run_local(args.predictor, parse_inputs(args.input, args.predictor), Path(args.output))
     for path in paths:
@@ -43,14 +43,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_weights_fetch(args: argparse.Namespace) -> int:
-    from flux_lora.cache import WeightCache
+    from flux_lora.weights.cache import WeightCache
 
     print(WeightCache.from_settings(Settings.from_env()).fetch(args.ref, allow_local=True))  # the operator's own files
     return 0
 
 
 def _cmd_weights_list(args: argparse.Namespace) -> int:
-    from flux_lora.cache import WeightCache
+    from flux_lora.weights.cache import WeightCache
 
     for entry in WeightCache.from_settings(Settings.from_env()).entries():
         print(f"{entry.size:>12}  {entry.path}  {entry.ref}")
@@ -58,7 +58,7 @@ def _cmd_weights_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_weights_clear(args: argparse.Namespace) -> int:
-    from flux_lora.cache import WeightCache
+    from flux_lora.weights.cache import WeightCache
 
     removed = WeightCache.from_settings(Settings.from_env()).clear()
     print(f"removed {removed} cached file(s)")
@@ -66,7 +66,7 @@ def _cmd_weights_clear(args: argparse.Namespace) -> int:
 
 
 def _cmd_weights_download_base(args: argparse.Namespace) -> int:
-    from flux_lora.store import ensure_store, parse_models
+    from flux_lora.weights.store import ensure_store, parse_models
 
     root = Settings.from_env().weights_dir
     ensure_store(root, models=parse_models(args.models), safety=not args.no_safety)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from flux_lora.errors import UserError
-from flux_lora.schema import PREDICTORS, load_predictor_class, openapi_schema
+from flux_lora.serving.schema import PREDICTORS, load_predictor_class, openapi_schema
 from flux_lora.settings import Settings
 
 

@@ -20,7 +20,7 @@ from typing import Any
 from cog import FieldInfo, Secret
 from cog import Path as CogPath
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PREDICT_FILE = PROJECT_ROOT / "predict.py"
 PREDICTORS = {"hotswap": "HotswapPredictor", "trained": "TrainedPredictor"}
 SCHEMA_RELPATH = Path(".cog") / "openapi_schema.json"

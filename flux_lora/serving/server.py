@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from flux_lora.schema import PREDICT_FILE, PREDICTORS, write_schema
+from flux_lora.serving.schema import PREDICT_FILE, PREDICTORS, write_schema
 
 # cog's prediction slots: the same number as cog.yaml's `concurrency.max` (baked into built images as
 # COG_MAX_CONCURRENCY). Small, because on Replicate it is also how many requests the platform may

@@ -34,13 +34,13 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from flux_lora import triggers
+from flux_lora.lora import triggers
 from flux_lora.errors import LocalFileRefused, WeightsError, WeightsUnreachable
-from flux_lora.http import Downloader, DownloadPolicy
-from flux_lora.refs import LocalFile, Source, parse_ref
+from flux_lora.weights.http import Downloader, DownloadPolicy
+from flux_lora.weights.refs import LocalFile, Source, parse_ref
 from flux_lora.settings import Settings
-from flux_lora.sources import Fetch, provider
-from flux_lora.weightfile import extract_lora_from_tar, file_kind, verify_lora_file
+from flux_lora.weights.sources import Fetch, provider
+from flux_lora.weights.weightfile import extract_lora_from_tar, file_kind, verify_lora_file
 
 log = logging.getLogger(__name__)
 

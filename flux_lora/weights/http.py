@@ -3,14 +3,14 @@
 - Every URL, and every redirect target, must resolve to a public address unless private ones are
   allowed (`FLUX_LORA_ALLOW_PRIVATE_URLS`: all of them, or listed host:port pairs): a reference cannot
   reach loopback, the LAN or a cloud metadata service. The connection then goes to the address that
-  was checked (`flux_lora.pinned`), never to a second DNS answer.
+  was checked (`flux_lora.weights.pinned`), never to a second DNS answer.
 - Credentials travel in headers, only to the origin they were meant for (dropped on a redirect to
   another host), and URLs are shown without their query string: tokens never reach logs or errors.
 - Files are fetched with parallel ranged requests when the server supports ranges, as one stream
   otherwise; transient failures (timeouts, resets, 429/5xx) are retried a bounded number of times
   with urllib3's `Retry` backoff (and a bounded Retry-After), resuming where the data stopped; a byte
   cap bounds every download.
-- Progress: `flux_lora.download_progress` (a tqdm bar on a terminal, log lines otherwise).
+- Progress: `flux_lora.weights.download_progress` (a tqdm bar on a terminal, log lines otherwise).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import requests
 from urllib3.exceptions import MaxRetryError
 from urllib3.util.retry import Retry
 
-from flux_lora.download_progress import Progress
+from flux_lora.weights.download_progress import Progress
 from flux_lora.errors import (
     BlockedUrlError,
     NotALoraError,
@@ -43,8 +43,8 @@ from flux_lora.errors import (
     WeightsUnreachable,
     plain_reason,
 )
-from flux_lora.pinned import PinnedAdapter, host_port, pinned
-from flux_lora.refs import redact_url
+from flux_lora.weights.pinned import PinnedAdapter, host_port, pinned
+from flux_lora.weights.refs import redact_url
 
 if TYPE_CHECKING:
     from flux_lora.settings import Settings
@@ -111,7 +111,7 @@ def resolve_host(host: str, port: int) -> list[str]:
 def check_url(url: str, allow_private: bool, allow_hosts: frozenset[str] = frozenset()) -> list[str]:
     """Refuse non-http(s) URLs and, unless allowed, hosts resolving to non-public addresses.
 
-    Returns the addresses checked, for the connection to dial (`flux_lora.pinned`); none when every
+    Returns the addresses checked, for the connection to dial (`flux_lora.weights.pinned`); none when every
     private host is allowed (the client then resolves the name itself). A host:port in `allow_hosts`
     is dialled at its own addresses, private or not.
     """

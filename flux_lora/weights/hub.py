@@ -23,7 +23,7 @@ from flux_lora.errors import (
     plain_reason,
 )
 from flux_lora.settings import Settings
-from flux_lora.weightfile import choose_lora
+from flux_lora.weights.weightfile import choose_lora
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Connect to the address that was checked, not to a second DNS answer (no DNS rebinding).
 
-`flux_lora.http.check_url` resolves a host and refuses private answers; if the HTTP client then
+`flux_lora.weights.http.check_url` resolves a host and refuses private answers; if the HTTP client then
 resolved the name again to connect, a name answering a public address first and a private one next
 would slip through. Inside `pinned(...)`, a connection that `PinnedAdapter` opens to that host and
 port goes to the checked addresses (each in turn) instead; everything else about it is unchanged:

@@ -14,10 +14,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import unquote_to_bytes, urlsplit
 
-from flux_lora import hub, refs
+from flux_lora.weights import hub, refs
 from flux_lora.errors import NotALoraError, WeightsNotFound, WeightsTooLarge
-from flux_lora.http import Downloader, Target
-from flux_lora.refs import (
+from flux_lora.weights.http import Downloader, Target
+from flux_lora.weights.refs import (
     CivitaiModelRef,
     CivitaiVersionRef,
     DataUri,

@@ -18,9 +18,9 @@ from pathlib import Path
 from filelock import FileLock
 
 from flux_lora.errors import NotALoraError, UserError
-from flux_lora.hub import HubFailure, download_snapshot, hub_failure, token_configured
+from flux_lora.weights.hub import HubFailure, download_snapshot, hub_failure, token_configured
 from flux_lora.settings import Settings
-from flux_lora.weightfile import read_header
+from flux_lora.weights.weightfile import read_header
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ a plain `requests.get` (redirects followed, any address) into a temporary file, 
 
 Importing this module replaces `cog.types.Path.validate` for http(s) URLs (data: URIs stay with cog:
 no network). The value becomes a `GuardedURLPath`, whose `convert()` downloads through
-`flux_lora.http.Downloader`: the LoRA rules (public addresses only unless FLUX_LORA_ALLOW_PRIVATE_URLS,
+`flux_lora.weights.http.Downloader`: the LoRA rules (public addresses only unless FLUX_LORA_ALLOW_PRIVATE_URLS,
 checked before any connection and after each redirect; the connection dials the checked address; the
 size cap; retries). A refused or failed fetch does not raise inside coglet, where no field is known:
 it yields a `Refused` path, which `check_fetched(run, inputs)`, called first in predict.py's run,
@@ -31,8 +31,8 @@ from urllib.parse import urlsplit
 import cog.types
 
 from flux_lora.errors import UserError, for_cog
-from flux_lora.http import Downloader, DownloadPolicy, Target
-from flux_lora.refs import redact_url
+from flux_lora.weights.http import Downloader, DownloadPolicy, Target
+from flux_lora.weights.refs import redact_url
 from flux_lora.request import InputError
 from flux_lora.settings import Settings
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from flux_lora import triggers
+from flux_lora.lora import triggers
 from flux_lora.errors import NotALoraError, WeightsError, WeightsNotFound, WeightsTooLarge
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -230,7 +230,7 @@ def _safe_member(member: tarfile.TarInfo) -> bool:
 
 def extract_lora_from_tar(archive: Path, dest: Path, max_bytes: int, what: str) -> tuple[str, list[str]]:
     """Copy the LoRA inside `archive` (a tar or tar.gz) to `dest`; return its name in the archive and the
-    trigger words its training config names (Replicate's trainer tars hold one; see flux_lora.triggers).
+    trigger words its training config names (Replicate's trainer tars hold one; see flux_lora.lora.triggers).
 
     Nothing is written under the archive's own names: the chosen member is streamed to `dest`, so
     absolute paths, `..` and links in the archive cannot write anywhere else.
