@@ -104,10 +104,20 @@ def resolve_seed(seed: int | None, rng: random.Random | None = None) -> int:
 
 @dataclass(frozen=True)
 class LoraSpec:
-    """A LoRA reference and the scale the user asked for (before any go_fast multiplier)."""
+    """A LoRA reference, the scale the user asked for (before any go_fast multiplier), and the input that
+    named it (errors name it; the image's parameters label it)."""
 
     ref: str
     scale: float
+    field: str = "replicate_weights"
+
+    @property
+    def label(self) -> str:
+        """How the image's parameters name it: "Lora", "Extra lora", "Lora 2"..."""
+        if self.field == "extra_lora":
+            return "Extra lora"
+        index = self.field.partition("[")[2].rstrip("]")
+        return f"Lora {int(index) + 1}" if index.isdigit() else "Lora"
 
 
 # The schema's "for go_fast we apply a 1.5x multiplier" makes up for the reference merging the LoRA into fp8
@@ -151,8 +161,7 @@ class Request:
     output_quality: int
     disable_safety_checker: bool
     go_fast: bool
-    main_lora: LoraSpec | None
-    extra_lora: LoraSpec | None
+    loras: tuple[LoraSpec, ...]  # in the order they are applied: main, extra (or the list's order)
 
     @property
     def key(self) -> PipelineKey:
@@ -168,8 +177,8 @@ class Request:
         return 256 if self.model == "schnell" else 512
 
 
-def _lora(ref: str | None, scale: float) -> LoraSpec | None:
-    return LoraSpec(ref.strip(), scale) if ref and ref.strip() else None
+def _lora(ref: str | None, scale: float, field: str) -> tuple[LoraSpec, ...]:
+    return (LoraSpec(ref.strip(), scale, field),) if ref and ref.strip() else ()
 
 
 def _choice(field: str, value: str, allowed: tuple[str, ...]) -> str:
@@ -206,6 +215,7 @@ def build_request(
     lora_scale: float = 1.0,
     extra_lora: str | None = None,
     extra_lora_scale: float = 1.0,
+    main_field: str = "replicate_weights",
 ) -> Request:
     """Apply Replicate's rules to raw inputs (already type-checked by cog's schema). An empty or
     blank prompt runs, as on Replicate (common for img2img and inpainting)."""
@@ -256,6 +266,5 @@ def build_request(
         output_quality=output_quality,
         disable_safety_checker=disable_safety_checker,
         go_fast=go_fast,
-        main_lora=_lora(main_lora, lora_scale),
-        extra_lora=_lora(extra_lora, extra_lora_scale),
+        loras=_lora(main_lora, lora_scale, main_field) + _lora(extra_lora, extra_lora_scale, "extra_lora"),
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -57,10 +57,9 @@ def baked_lora_ref(weights: str | Path | None, settings: Settings) -> str | None
 
 @dataclass(frozen=True)
 class LoraFile:
-    """A LoRA the request names, fetched: its slot, the input it came from, its reference, the local
-    file and the user's scale (before go_fast)."""
+    """A LoRA the request names, fetched: the input it came from, its reference, the local file and the
+    user's scale (before go_fast)."""
 
-    slot: str
     field: str
     ref: str
     path: Path
@@ -112,7 +111,7 @@ class Service:
                 pick_device,
             )
             from flux_lora.generation.safety import SafetyChecker
-            from flux_lora.lora.adapters import DEFAULT_HOTSWAP_RANK, LoraManager
+            from flux_lora.lora.adapters import LoraManager
             from flux_lora.weights.cache import WeightCache
             from flux_lora.weights.store import ensure_store
 
@@ -148,19 +147,19 @@ class Service:
             self.transformers,
             self.pipelines.text2img["dev"].text_encoder,
             memory_bytes=settings.lora_memory_bytes,
-            hotswap_rank=settings.lora_hotswap_rank or DEFAULT_HOTSWAP_RANK,
+            max_rank=settings.lora_max_rank,
         )
         files: list[LoraFile] = []
         if baked_lora is not None:  # read now: a broken COG_WEIGHTS fails setup
             with stages("COG_WEIGHTS LoRA"):
-                files = self.fetch_loras(LoraSpec(baked_lora, 1.0), None, "COG_WEIGHTS")
+                files = self.fetch_loras([LoraSpec(baked_lora, 1.0, "COG_WEIGHTS")])
         compiled = should_compile(device, settings.compile)
         if compiled:
-            # Both LoRA slots on every linear before compiling: later LoRAs are copied in, never recompile.
+            # The rank budget on every linear before compiling: later LoRAs are written in, never recompile.
             baked_rank = max((self.loras.converted(f.path, shown(f.ref))[1].max_rank for f in files), default=0)
             for key in self.transformers:
                 if key.go_fast:
-                    self.loras.reserve(key, max(self.loras.hotswap_rank or 0, baked_rank))
+                    self.loras.reserve(key, max(self.loras.max_rank, baked_rank))
         for key in self.transformers if files else ():  # the baked LoRA stays resident everywhere
             self.apply_loras(key, files)
         self.cache.release()
@@ -188,27 +187,28 @@ class Service:
     def request(self, inputs: dict[str, Any]) -> Request:
         """Turn the schema's inputs into a validated request for this variant."""
         inputs = dict(inputs)
-        main = inputs.pop("replicate_weights", None) if self.variant.main_lora_per_request else self.baked_lora
+        if self.variant.main_lora_per_request:
+            main, main_field = inputs.pop("replicate_weights", None), "replicate_weights"
+        else:
+            main, main_field = self.baked_lora, "COG_WEIGHTS"
         for key in ("image", "mask"):
             if inputs.get(key) is not None:
                 inputs[key] = str(inputs[key])
-        return build_request(main_lora=main, **inputs)
+        return build_request(main_lora=main, main_field=main_field, **inputs)
 
-    def fetch_loras(self, main: LoraSpec | None, extra: LoraSpec | None, main_field: str) -> list[LoraFile]:
+    def fetch_loras(self, specs: Sequence[LoraSpec]) -> list[LoraFile]:
         """The weights stage: each LoRA the request names as a verified local file, through the cache.
 
         Only the deployment's own COG_WEIGHTS may be a local path; the cache's errors name the input."""
         out: list[LoraFile] = []
-        for slot, field, spec in (("main", main_field, main), ("extra", "extra_lora", extra)):
-            if spec is None:
-                continue
+        for spec in specs:
             local = self.baked_lora is not None and spec.ref.strip() == self.baked_lora.strip()
             try:
                 path = self.cache.fetch(spec.ref, allow_local=local)
             except UserError as exc:  # the cache's own message, tied to the input it came from
                 self.cache.release()  # this request will read none of its files
-                raise LoraError(f"{field}: {exc}") from None
-            out.append(LoraFile(slot, field, spec.ref, path, spec.scale))
+                raise LoraError(f"{spec.field}: {exc}") from None
+            out.append(LoraFile(spec.field, spec.ref, path, spec.scale))
         return out
 
     @staticmethod
@@ -216,30 +216,29 @@ class Service:
         """The adapters to run: files and the scales they run at (go_fast's multiplier applied)."""
         from flux_lora.lora.adapters import Wanted
 
-        return [Wanted(f.slot, f.path, effective_scale(f.scale, go_fast), shown(f.ref)) for f in files]
+        return [Wanted(f.field, f.path, effective_scale(f.scale, go_fast), shown(f.ref)) for f in files]
 
     def apply_loras(self, key: PipelineKey, files: list[LoraFile]) -> None:
         """The adapters stage: `key`'s transformer runs exactly these files; a failure names its input."""
-        from flux_lora.lora.adapters import ReservedRankError, SlotError
+        from flux_lora.lora.adapters import AdapterError, RankBudgetError
 
         try:
             self.loras.apply(key, self.wanted(files, key.go_fast))
-        except SlotError as exc:
-            if isinstance(exc, ReservedRankError) and self._has_plain_twin(key):
+        except AdapterError as exc:
+            if isinstance(exc, RankBudgetError) and self._has_plain_twin(key):
                 raise  # `use_loras` runs the request on the plain transformer instead
-            field = next(f.field for f in files if f.slot == exc.slot)
-            raise LoraError(f"{field}: {exc}") from None
+            raise LoraError(f"{exc.label}: {exc}") from None
 
     def use_loras(self, request: Request, files: list[LoraFile]) -> Request:
         """The adapters stage, on the transformer the request runs on (the plain one first goes into the bf16
-        slot: its adapters move with it). A LoRA above a compiled transformer's slot rank runs this request
+        slot: its adapters move with it). LoRAs above a compiled transformer's rank budget run this request
         on the plain transformer instead, logged: the compiled one never changes shape."""
-        from flux_lora.lora.adapters import ReservedRankError
+        from flux_lora.lora.adapters import RankBudgetError
 
         try:
             self._place(request.key)
             self.apply_loras(request.key, files)
-        except ReservedRankError as exc:
+        except RankBudgetError as exc:
             log.warning("go_fast: %s; this request runs on the plain transformer, uncompiled", exc)
             request = replace(request, go_fast=False)
             self._place(request.key)
@@ -268,8 +267,7 @@ class Service:
         request = self.request(inputs)
         log.info("Using seed: %d", request.seed)
         cond = prepare_inputs(request)  # a bad image fails before any LoRA is fetched
-        main_field = "replicate_weights" if self.variant.main_lora_per_request else "COG_WEIGHTS"
-        files = self.fetch_loras(request.main_lora, request.extra_lora, main_field)
+        files = self.fetch_loras(request.loras)
         request = self._with_trigger_words(request, files)
         request = self.use_loras(request, files)
         if request.go_fast and self.pipelines.fast is not None:

@@ -56,7 +56,7 @@ class Settings:
     allow_private_urls: bool = False  # FLUX_LORA_ALLOW_PRIVATE_URLS=1: allow loopback/private hosts
     private_url_exceptions: tuple[str, ...] = ()  # FLUX_LORA_ALLOW_PRIVATE_URLS=host:port,...: only these
     lora_memory_bytes: int = 2 * 1024**3  # FLUX_LORA_MEMORY_CACHE_BYTES: converted LoRAs kept in RAM
-    lora_hotswap_rank: int | None = None  # FLUX_LORA_HOTSWAP_RANK: rank of a compiled transformer's LoRA slots (64)
+    lora_max_rank: int | None = None  # FLUX_LORA_MAX_RANK: a compiled transformer's LoRA rank budget per layer (128)
     compile_backend: str = "inductor"  # FLUX_LORA_COMPILE_BACKEND: torch.compile backend ("eager": guards only)
     local_lora_dirs: tuple[Path, ...] = ()  # FLUX_LORA_LOCAL_LORA_DIRS: folders request fields may name files in
     ref_recheck_seconds: float = 60.0  # FLUX_LORA_REF_RECHECK_SECONDS: re-pin unversioned refs this often
@@ -119,7 +119,7 @@ class Settings:
             allow_private_urls=_flag("FLUX_LORA_ALLOW_PRIVATE_URLS"),
             private_url_exceptions=_host_ports("FLUX_LORA_ALLOW_PRIVATE_URLS"),
             lora_memory_bytes=_size("FLUX_LORA_MEMORY_CACHE_BYTES", "2GiB"),
-            lora_hotswap_rank=int(os.environ.get("FLUX_LORA_HOTSWAP_RANK") or 0) or None,
+            lora_max_rank=int(os.environ.get("FLUX_LORA_MAX_RANK") or 0) or None,
             compile_backend=os.environ.get("FLUX_LORA_COMPILE_BACKEND") or "inductor",
             ref_recheck_seconds=float(os.environ.get("FLUX_LORA_REF_RECHECK_SECONDS") or 60),
             output_metadata=_flag_on_by_default("FLUX_LORA_OUTPUT_METADATA"),

@@ -66,10 +66,9 @@ def parameters_text(request: Request, width: int, height: int, index: int) -> st
         "Batch size": request.num_outputs,
         "Batch pos": index,
     }
-    for label, lora in (("Lora", request.main_lora), ("Extra lora", request.extra_lora)):
-        if lora is not None:
-            fields[label] = shorten(shown(lora.ref))
-            fields[f"{label} scale"] = _number(lora.scale)
+    for lora in request.loras:
+        fields[lora.label] = shorten(shown(lora.ref))
+        fields[f"{lora.label} scale"] = _number(lora.scale)
     fields["Version"] = "flux-lora-cog"
     line = ", ".join(f"{key}: {_quote(value)}" for key, value in fields.items())
     return f"{request.prompt}\n{line}"
