@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from flux_lora.generation.pipelines import Pipelines
     from flux_lora.generation.safety import SafetyChecker
     from flux_lora.lora.adapters import Wanted
+    from flux_lora.lora.formats import ConvertedLora
 
 log = logging.getLogger(__name__)
 
@@ -154,12 +155,12 @@ class Service:
             with stages("COG_WEIGHTS LoRA"):
                 files = self.fetch_loras([LoraSpec(baked_lora, 1.0, "COG_WEIGHTS")])
         compiled = should_compile(device, settings.compile)
-        if compiled:
-            # The rank budget on every linear before compiling: later LoRAs are written in, never recompile.
-            baked_rank = max((self.loras.converted(f.path, shown(f.ref))[1].max_rank for f in files), default=0)
-            for key in self.transformers:
-                if key.go_fast:
-                    self.loras.reserve(key, max(self.loras.max_rank, baked_rank))
+        # go_fast's fp8 transformers (and any that will be compiled) hold the rank budget on every linear from
+        # now on: later LoRAs are written in and never recompile, and compiled or not they compute alike.
+        baked_rank = max((self._converted(f).max_rank for f in files), default=0)
+        for key in self.transformers:
+            if key.go_fast and (compiled or self._has_plain_twin(key)):
+                self.loras.reserve(key, max(self.loras.max_rank, baked_rank))
         for key in self.transformers if files else ():  # the baked LoRA stays resident everywhere
             self.apply_loras(key, files)
         self.cache.release()
@@ -217,6 +218,13 @@ class Service:
         from flux_lora.lora.adapters import Wanted
 
         return [Wanted(f.field, f.path, effective_scale(f.scale, go_fast), shown(f.ref)) for f in files]
+
+    def _converted(self, file: LoraFile) -> ConvertedLora:
+        """A fetched LoRA read and converted (kept in memory for its adapters); a refusal names its input."""
+        try:
+            return self.loras.converted(file.path, shown(file.ref))[1]
+        except LoraError as exc:
+            raise LoraError(f"{file.field}: {exc}") from None
 
     def apply_loras(self, key: PipelineKey, files: list[LoraFile]) -> None:
         """The adapters stage: `key`'s transformer runs exactly these files; a failure names its input."""

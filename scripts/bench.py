@@ -279,7 +279,7 @@ def lora_switch(kind: str) -> Callable[[Bench], Result]:
         for _ in range(b.repeats):
             for inputs in variants:
                 request = service.request(inputs)
-                files = service.fetch_loras(request.main_lora, request.extra_lora, "replicate_weights")
+                files = service.fetch_loras(request.loras)
                 sync(b.device)
                 start = time.perf_counter()
                 service.use_loras(request, files)

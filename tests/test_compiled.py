@@ -4,8 +4,8 @@ The Service is built as production builds it with FLUX_LORA_COMPILE=1, on dynamo
 (`FLUX_LORA_TEST_BACKEND=inductor pytest tests/test_compiled.py` compiles for real, by hand: 117 s on
 the 2-core machine, the server's cold start then reading the saved compile cache): graph capture and
 guards, which decide every recompile, are the same; only the kernels differ. Twelve LoRAs of
-different targets, ranks and formats go through both slots; each image is compared with the same
-request on the uncompiled go_fast path, and dynamo's graph counter must not move.
+different targets, ranks and formats go through the packed adapter, one or two at a time; each image is
+compared with the same request on the uncompiled go_fast path, and dynamo's graph counter must not move.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from flux_lora.service import HOTSWAP, TRAINED, Service
 from flux_lora.settings import Settings
 
 BACKEND = os.environ.get("FLUX_LORA_TEST_BACKEND", "eager")
-RANK = 8  # the reserved slots' rank in these tests (FLUX_LORA_HOTSWAP_RANK)
+RANK = 8  # the largest rank of these LoRAs
+BUDGET = 2 * RANK  # the compiled transformers' rank budget per layer in these tests (FLUX_LORA_MAX_RANK)
 # Compiled and uncompiled go_fast differ only in float rounding order (zero padding adds exact zeros).
 MAX_LEVELS = 2
 
@@ -39,7 +40,7 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     base = Settings.from_env()
     return dataclasses.replace(
         base, weights_dir=store, cache_dir=tmp_path_factory.mktemp("cache"), allow_private_urls=True,
-        compile=True, compile_backend=BACKEND, lora_hotswap_rank=RANK,
+        compile=True, compile_backend=BACKEND, lora_max_rank=BUDGET,
     )
 
 
@@ -60,7 +61,7 @@ def _loras(transformer: torch.nn.Module, text_encoder: torch.nn.Module) -> dict[
         "xlabs_r7": S.as_xlabs(S.random_lora(transformer, 9, rank=7, only=attn)),
         "mixture_r3": S.as_mixture(S.random_lora(transformer, 10, rank=3), transformer),
         "single_r8": S.as_peft(S.random_lora(transformer, 11, rank=RANK, only=single), transformer),
-        "above_rank": S.as_peft(S.random_lora(transformer, 12, rank=2 * RANK), transformer),  # plain path
+        "above_rank": S.as_peft(S.random_lora(transformer, 12, rank=BUDGET + 4), transformer),  # plain path
     }
 
 
@@ -100,7 +101,7 @@ LORAS = ["attn_r1", "mlp_r2", "single_r3", "all_r4", "all_r8_kohya", "img_only_r
          "per_layer_ranks", "clip", "xlabs_r7", "mixture_r3", "single_r8"]
 
 
-def test_twelve_loras_in_both_slots_never_recompile(compiled: Service, plain: Service, server, tmp_path: Path):
+def test_twelve_loras_one_or_two_at_a_time_never_recompile(compiled: Service, plain: Service, server, tmp_path: Path):
     picture = tmp_path / "in.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(picture)
     graphs = fast.compiled_graphs()
@@ -109,7 +110,7 @@ def test_twelve_loras_in_both_slots_never_recompile(compiled: Service, plain: Se
     previous = None
     for index, name in enumerate(LORAS):
         inputs = {"replicate_weights": url(server, name), "lora_scale": 0.9}
-        if previous is not None and index % 2:  # every other request also fills the extra slot
+        if previous is not None and index % 2:  # every other request also takes an extra LoRA
             inputs.update(extra_lora=url(server, previous), extra_lora_scale=0.7)
         if index % 3 == 2:
             inputs["model"] = "schnell"
@@ -121,18 +122,18 @@ def test_twelve_loras_in_both_slots_never_recompile(compiled: Service, plain: Se
         assert np.abs(image - base).mean() > 0.5, f"{name}: the LoRA changed nothing"
         assert np.abs(image - run(plain, **inputs)).max() <= MAX_LEVELS, name
         previous = name
-    assert run(compiled).tolist() == base.tolist()  # no LoRA: the zeroed slots add exact zeros
+    assert run(compiled).tolist() == base.tolist()  # no LoRA: the zeroed adapters add exact zeros
     assert fast.compiled_graphs() == graphs
     assert sum(fast.eager_fallbacks.values()) == 0
 
 
-def test_a_lora_above_the_slot_rank_runs_uncompiled_for_that_request(compiled: Service, plain: Service, server,
+def test_a_lora_above_the_rank_budget_runs_uncompiled_for_that_request(compiled: Service, plain: Service, server,
                                                                         caplog):
     graphs = fast.compiled_graphs()
     inputs = {"replicate_weights": url(server, "above_rank")}
     with caplog.at_level(logging.WARNING, logger="flux_lora"):
         image = run(compiled, **inputs)
-    assert f"above the compiled go_fast slots' rank {RANK}" in caplog.text
+    assert f"above the compiled go_fast rank budget {BUDGET}" in caplog.text
     assert "runs on the plain transformer" in caplog.text
     reference = plain.predict(prompt="a cat", num_inference_steps=2, seed=7, output_format="png", go_fast=False,
                               disable_safety_checker=True, aspect_ratio="custom", width=256, height=256, **inputs)
@@ -184,12 +185,12 @@ def test_every_cold_start_comes_up_in_one_state_and_compiles_nothing_new(setting
 def test_a_compiled_server_serves_loras_of_other_targets_without_compiling_again(settings: Settings, server,
                                                                                  tmp_path: Path):
     """From outside, as the production crash was seen: the real cog server with FLUX_LORA_COMPILE=1, LoRAs of
-    different targets in both slots, every request succeeds and none logs an eager fallback. Its cold start
+    different targets one or two at a time, every request succeeds and none logs an eager fallback. Its cold start
     is a new process on a store holding the pre-quantized copies (and, with inductor, the compile cache)."""
     from conftest import CogServer, server_env
 
     env = server_env(settings.weights_dir, tmp_path, FLUX_LORA_COMPILE="1", FLUX_LORA_COMPILE_BACKEND=BACKEND,
-                     FLUX_LORA_HOTSWAP_RANK=str(RANK), FLUX_LORA_ALLOW_PRIVATE_URLS="1")
+                     FLUX_LORA_MAX_RANK=str(BUDGET), FLUX_LORA_ALLOW_PRIVATE_URLS="1")
     cog = CogServer("hotswap", tmp_path, env)
     try:
         common = {"prompt": "a cat", "num_inference_steps": 2, "go_fast": True, "aspect_ratio": "custom",

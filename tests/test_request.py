@@ -127,5 +127,4 @@ def test_bad_inputs_name_the_field(kwargs: dict, message: str) -> None:
 
 def test_loras_are_optional_and_trimmed() -> None:
     req = build_request(prompt="x", main_lora=" owner/model ", lora_scale=0.5, extra_lora="", extra_lora_scale=2)
-    assert req.main_lora is not None and (req.main_lora.ref, req.main_lora.scale) == ("owner/model", 0.5)
-    assert req.extra_lora is None
+    assert [(lora.ref, lora.scale, lora.field) for lora in req.loras] == [("owner/model", 0.5, "replicate_weights")]

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 # fluxgym): 128 holds a rank-64 main with a rank-64 extra, or eight rank-16 LoRAs. The adapters' cost per
 # step barely depends on it (memory-bound: scripts/roofline.py), their memory does (docs/memory-plan.md).
 DEFAULT_MAX_RANK = 128
+FP8_MULTIPLE = 16  # a budget is rounded up to this: fp8 GEMMs (the folded down matrix) need widths of 16s
 
 
 class AdapterError(LoraError):
@@ -155,7 +156,7 @@ class LoraManager:
         model = self._models[id(self.transformers[key])]
         if model.budget is not None:
             return model.budget
-        rank = rank or self.max_rank
+        rank = -(-(rank or self.max_rank) // FP8_MULTIPLE) * FP8_MULTIPLE
         for layer in model.layers.values():
             layer.fix(rank)
         model.budget, model.holds = rank, ()
