@@ -10,7 +10,8 @@ captured by torch.compile with the options serving compiles them with (`fast.com
 dynamo, fullgraph, dynamic shapes, then AOTAutograd with inductor's decompositions) by a backend that
 records the ATen graph inductor would receive instead of generating kernels. Every op is then costed:
 - a GEMM (mm, addmm, bmm, _scaled_mm) or an attention call is one kernel:
-  max(FLOPs / peak of its dtype, bytes / HBM bandwidth);
+  max(FLOPs / peak of its dtype, bytes / HBM bandwidth); an addmm whose C is a matrix (not a bias row) is
+  a copy of C into the output first, then the GEMM reading it (what ATen does on CUDA);
 - views cost nothing;
 - every other op (pointwise, reductions, casts, cat, copies) is fused as inductor fuses: a connected run
   of them is one kernel per reduction in it (at least one), reading what enters the run once and writing
@@ -19,7 +20,12 @@ records the ATen graph inductor would receive instead of generating kernels. Eve
 A step is 19 double + 38 single blocks at 4096 image + 512 text tokens (1024x1024); the embedders and the
 final layer (under 1% of the FLOPs) are left out. Designs: no adapters; the two peft slots of rank 64 the
 compiled path reserved before (main, extra: 4 LoRA GEMMs per linear); the packed adapter
-(flux_lora/lora/packed.py: one GEMM pair per linear, the add folded into the second) at total rank R.
+(flux_lora/lora/packed.py) at total rank R: its down matrix folded into the fp8 base GEMM, so a linear's
+LoRA GEMMs are that shared GEMM and the up GEMM, whose output the next fused kernel adds.
+
+`--check-layouts` also checks every `_scaled_mm` of the captured fp8 graphs against cuBLAS's rules
+(row-major A, column-major B, K and N multiples of 16, float32 row-wise scales): a layout error found on
+CPU instead of on the GPU.
 
 The constants are achievable rates, not datasheet peaks (NOTES.md, issue #22): correct them from the
 first GPU table (docs/benchmarks.md prints modeled beside measured).
@@ -289,6 +295,9 @@ def kernels(gm: fx.GraphModule) -> list[Kernel]:
                 parent[find(root)] = find(node)
     for node in nodes:
         name = _op(node)
+        if name == "aten.addmm.default" and len(_shape(node.args[0])) == 2 and _shape(node.args[0])[0] > 1:
+            # ATen's addmm with a matrix C (not a bias row) first copies C into its output: one more pass.
+            out.append(Kernel("fused", 0.0, 2 * _bytes(node), "bf16"))
         if name in GEMMS:
             inputs = node.args[:3] if name == "aten.addmm.default" else node.args[:2]
             reads = sum(_bytes(a) for a in inputs) + (sum(_bytes(a) for a in node.args[2:5] if name ==
@@ -324,6 +333,44 @@ def _escapes(node: fx.Node, inside: set[fx.Node]) -> bool:
     return any(_escapes(user, inside) for user in node.users)
 
 
+# --------------------------------------------------------------------------- fp8 layouts
+
+
+def _contiguous(shape: list[int], stride: list[int]) -> bool:
+    expected = 1
+    for size, step in zip(reversed(shape), reversed(stride), strict=True):
+        if size != 1 and step != expected:
+            return False
+        expected *= size
+    return True
+
+
+def scaled_mm_problems(gm: fx.GraphModule) -> list[str]:
+    """What cuBLAS would refuse in the graph's `_scaled_mm` calls (the checks torch's CUDA kernel makes)."""
+    problems = []
+    for node in gm.graph.nodes:
+        if _op(node) != "aten._scaled_mm.default":
+            continue
+        a, b, scale_a, scale_b = (_tensor(arg) for arg in node.args[:4])
+        (m, k), (k2, n) = _shape(node.args[0]), _shape(node.args[1])
+        stride_a, stride_b = [_hint(s) for s in a.stride()], [_hint(s) for s in b.stride()]
+        where = f"{node.name} ({m}x{k} @ {k2}x{n})"
+        if a.dtype.itemsize != 1 or b.dtype.itemsize != 1:
+            problems.append(f"{where}: inputs must be float8, got {a.dtype} and {b.dtype}")
+        if not (stride_a[1] == 1 and (stride_a[0] > stride_a[1] or m == 1)):
+            problems.append(f"{where}: A must be row-major, got strides {stride_a}")
+        if not (stride_b[0] == 1 and (stride_b[1] > 1 or n == 1)):
+            problems.append(f"{where}: B must be column-major, got strides {stride_b}")
+        if k % 16 or n % 16:
+            problems.append(f"{where}: K and N must be multiples of 16")
+        for label, arg, scale, shape in (("scale_a", node.args[2], scale_a, [m, 1]),
+                                         ("scale_b", node.args[3], scale_b, [1, n])):
+            got, strides = _shape(arg), [_hint(s) for s in scale.stride()]
+            if scale.dtype != torch.float32 or got != shape or not _contiguous(got, strides):
+                problems.append(f"{where}: {label} must be contiguous float32 {shape}, got {scale.dtype} {got}")
+    return problems
+
+
 # --------------------------------------------------------------------------- the model
 
 
@@ -338,34 +385,54 @@ class Row:
     kernels_per_step: int
 
 
-def step_kernels(design: Callable[[nn.Module], nn.Module]) -> list[tuple[list[Kernel], int]]:
-    """For one double and one single block under `design`: their kernels and LoRA GEMMs."""
+@dataclass
+class Captured:
+    """One block under one design: its kernels, its LoRA GEMMs, what cuBLAS would refuse in it."""
+
+    kernels: list[Kernel]
+    lora_gemms: int
+    linears: int
+    layout_problems: list[str]
+
+
+def capture_design(design: Callable[[nn.Module], nn.Module]) -> tuple[Captured, Captured]:
+    """The double and the single block under `design`, captured."""
     out = []
     for block in real_blocks():
+        linears = len(_linear_names(block))
         graphs = capture(design(block), block_inputs(block))
-        out.append(([k for _, gm in graphs for k in kernels(gm)], sum(lora_gemms(d) for d, _ in graphs)))
-    return out
+        out.append(Captured([k for _, gm in graphs for k in kernels(gm)], sum(lora_gemms(d) for d, _ in graphs),
+                            linears, [p for _, gm in graphs for p in scaled_mm_problems(gm)]))
+    return out[0], out[1]
 
 
-def model_rows() -> list[Row]:
-    designs: list[tuple[str, int, Callable[[nn.Module], nn.Module]]] = [
-        ("no adapters", 0, lambda block: block),
-        ("two slots", 2 * SLOT_RANK, with_two_slots),
-        *(("packed", rank, lambda block, r=rank: with_packed(block, r)) for rank in PACKED_RANKS),
-    ]
+DESIGNS: dict[str, tuple[int, Callable[[nn.Module], nn.Module]]] = {
+    "no adapters": (0, lambda block: block),
+    "two slots": (2 * SLOT_RANK, with_two_slots),
+    **{f"packed {rank}": (rank, lambda block, r=rank: with_packed(block, r)) for rank in PACKED_RANKS},
+}
+
+
+def model_rows(designs: list[str] | None = None) -> tuple[list[Row], list[str]]:
+    """The modeled step per design (the no-adapter row always) and GPU, and every layout problem found."""
+    names = ["no adapters", *(d for d in (designs or DESIGNS) if d != "no adapters")]
     rows: list[Row] = []
-    for name, rank, design in designs:
-        (double, double_lora), (single, single_lora) = step_kernels(design)
-        gemms = DOUBLE_BLOCKS * double_lora + SINGLE_BLOCKS * single_lora
-        count = DOUBLE_BLOCKS * len(double) + SINGLE_BLOCKS * len(single)
+    problems: list[str] = []
+    for key in names:
+        rank, design = DESIGNS[key]
+        double, single = capture_design(design)
+        problems += [f"{key}: {p}" for p in double.layout_problems + single.layout_problems]
+        gemms = DOUBLE_BLOCKS * double.lora_gemms + SINGLE_BLOCKS * single.lora_gemms
+        count = DOUBLE_BLOCKS * len(double.kernels) + SINGLE_BLOCKS * len(single.kernels)
         for gpu in GPUS:
-            seconds = DOUBLE_BLOCKS * sum(k.seconds(gpu) for k in double) + SINGLE_BLOCKS * sum(
-                k.seconds(gpu) for k in single)
-            rows.append(Row(name, gpu.name, rank, round(seconds * 1e3, 2), gemms, 0.0, count))
+            seconds = DOUBLE_BLOCKS * sum(k.seconds(gpu) for k in double.kernels) + SINGLE_BLOCKS * sum(
+                k.seconds(gpu) for k in single.kernels)
+            rows.append(Row(key.split()[0] if key.startswith("packed") else key, gpu.name, rank,
+                            round(seconds * 1e3, 2), gemms, 0.0, count))
     base = {row.gpu: row.ms_per_step for row in rows if row.name == "no adapters"}
     for row in rows:
         row.overhead = round(row.ms_per_step - base[row.gpu], 2)
-    return rows
+    return rows, problems
 
 
 def table(rows: list[Row]) -> str:
@@ -381,10 +448,14 @@ def table(rows: list[Row]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    parser.add_argument("--designs", nargs="+", choices=list(DESIGNS), help="model only these (default: all)")
+    parser.add_argument("--check-layouts", action="store_true", help="exit 1 if a _scaled_mm layout is refused")
     args = parser.parse_args(argv)
-    rows = model_rows()
+    rows, problems = model_rows(args.designs)
     print(json.dumps([asdict(row) for row in rows], indent=1) if args.json else table(rows))
-    return 0
+    for problem in problems:
+        print(f"layout: {problem}", file=sys.stderr)
+    return 1 if args.check_layouts and problems else 0
 
 
 if __name__ == "__main__":
