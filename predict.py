@@ -2,6 +2,8 @@
 
 - TrainedPredictor: a trained LoRA baked into the deployment (COG_WEIGHTS), go_fast on by default.
 - HotswapPredictor: the main LoRA is chosen per request through `replicate_weights`.
+- MultiLoraPredictor: any number of LoRAs per request (up to 8), `hf_loras` with `lora_scales` as the
+  public multi-LoRA FLUX models on Replicate name them; otherwise the hot-swap variant's inputs.
 
 The inputs are written out literally (a shared `Inputs` class, literal choices and string
 constants) because `cog build` reads this file statically to write the OpenAPI schema.
@@ -22,7 +24,7 @@ from cog import BaseRunner, Input, Path
 
 from flux_lora.errors import UserError, for_cog
 from flux_lora.generation.progress import log_progress
-from flux_lora.service import HOTSWAP, TRAINED, Service, Variant
+from flux_lora.service import HOTSWAP, MULTI, TRAINED, Service, Variant
 from flux_lora.weights import url_inputs  # guards cog's own fetch of image/mask URLs (see its docstring)
 
 log = logging.getLogger("flux_lora")
@@ -30,6 +32,8 @@ log = logging.getLogger("flux_lora")
 LORA_DESCRIPTION = "Load LoRA weights. Supports Replicate models in the format <owner>/<username> or <owner>/<username>/<version>, HuggingFace URLs in the format huggingface.co/<owner>/<model-name>, CivitAI URLs in the format civitai.com/models/<id>[/<model-name>], or arbitrary .safetensors URLs from the Internet. For example, 'fofr/flux-pixar-cars'"  # noqa: E501
 LORA_SCALE_DESCRIPTION = "Determines how strongly the main LoRA should be applied. Sane results between 0 and 1 for base inference. For go_fast we apply a 1.5x multiplier to this value; we've generally seen good performance when scaling the base value by that amount. You may still need to experiment to find the best value for your particular lora."  # noqa: E501
 EXTRA_LORA_SCALE_DESCRIPTION = "Determines how strongly the extra LoRA should be applied. Sane results between 0 and 1 for base inference. For go_fast we apply a 1.5x multiplier to this value; we've generally seen good performance when scaling the base value by that amount. You may still need to experiment to find the best value for your particular lora."  # noqa: E501
+HF_LORAS_DESCRIPTION = "LoRA weights to apply together, up to 8, in order. Each supports the formats of the hot-swap model's replicate_weights: Replicate models <owner>/<model>[/<version>], HuggingFace huggingface.co/<owner>/<model-name>[/<file>.safetensors], CivitAI civitai.com/models/<id>[/<model-name>], or arbitrary .safetensors URLs. For example, ['fofr/flux-pixar-cars', 'alvdansen/frosting_lane_flux']"  # noqa: E501
+LORA_SCALES_DESCRIPTION = "Scales for the LoRAs in hf_loras: one per LoRA in the same order, or a single value for all of them. Default 1.0 each. Each between -1 and 3; sane results between 0 and 1."  # noqa: E501
 GO_FAST_DESCRIPTION = "Run faster predictions with model optimized for speed (currently fp8 quantized); disable to run in original bf16"  # noqa: E501
 
 
@@ -106,6 +110,9 @@ class Inputs:
     lora_scale = Input(description=LORA_SCALE_DESCRIPTION, ge=-1, le=3, default=1.0)
     extra_lora = Input(description=LORA_DESCRIPTION, default=None)
     extra_lora_scale = Input(description=EXTRA_LORA_SCALE_DESCRIPTION, ge=-1, le=3, default=1.0)
+
+    hf_loras = Input(description=HF_LORAS_DESCRIPTION, default=[])
+    lora_scales = Input(description=LORA_SCALES_DESCRIPTION, default=[])
 
     @staticmethod
     def go_fast(default: bool) -> Input:
@@ -221,6 +228,39 @@ class HotswapPredictor(OneAtATime):
         lora_scale: float = Inputs.lora_scale,
         extra_lora: Optional[str] = Inputs.extra_lora,
         extra_lora_scale: float = Inputs.extra_lora_scale,
+    ) -> list[Path]:
+        inputs = dict(locals())
+        del inputs["self"]
+        return await self.in_turn(inputs)
+
+
+class MultiLoraPredictor(OneAtATime):
+    """Any number of LoRAs per request, each at its own scale, all in one packed adapter (no recompilation)."""
+
+    def setup(self, weights: Optional[str] = None) -> None:
+        self.load(MULTI, weights)
+
+    async def run(
+        self,
+        prompt: str = Inputs.prompt,
+        image: Optional[Path] = Inputs.image,
+        mask: Optional[Path] = Inputs.mask,
+        aspect_ratio: str = Inputs.aspect_ratio,
+        height: Optional[int] = Inputs.height,
+        width: Optional[int] = Inputs.width,
+        prompt_strength: float = Inputs.prompt_strength,
+        model: str = Inputs.model,
+        num_outputs: int = Inputs.num_outputs,
+        num_inference_steps: int = Inputs.num_inference_steps,
+        guidance_scale: float = Inputs.guidance_scale,
+        seed: Optional[int] = Inputs.seed,
+        output_format: str = Inputs.output_format,
+        output_quality: int = Inputs.output_quality,
+        disable_safety_checker: bool = Inputs.disable_safety_checker,
+        go_fast: bool = Inputs.go_fast(False),
+        megapixels: str = Inputs.megapixels,
+        hf_loras: list[str] = Inputs.hf_loras,
+        lora_scales: list[float] = Inputs.lora_scales,
     ) -> list[Path]:
         inputs = dict(locals())
         del inputs["self"]

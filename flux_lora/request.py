@@ -7,6 +7,7 @@ custom sizes rounded to 16, input images fitted into 1440x1440), so it is tested
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import NamedTuple
@@ -36,6 +37,8 @@ MAX_INPUT_SIDE = 1440  # img2img/inpaint inputs are scaled down to fit this squa
 MULTIPLE = 16  # FLUX packs 2x2 latent patches of an 8x downsampling VAE
 MAX_SEED = 2**31 - 1  # random seeds are drawn up to this
 MAX_USER_SEED = 2**63 - 1  # torch.Generator.manual_seed takes no larger one
+MAX_LORAS = 8  # hf_loras: LoRAs in one request (the packed adapter's rank budget is the other bound)
+LORA_SCALE_RANGE = (-1.0, 3.0)  # lora_scale's bounds on the seed models' pages, for every LoRA scale
 
 
 class InputError(UserError, ValueError):
@@ -181,6 +184,28 @@ def _lora(ref: str | None, scale: float, field: str) -> tuple[LoraSpec, ...]:
     return (LoraSpec(ref.strip(), scale, field),) if ref and ref.strip() else ()
 
 
+def _lora_list(refs: Sequence[str], scales: Sequence[float]) -> tuple[LoraSpec, ...]:
+    """`hf_loras` with `lora_scales`: one scale per LoRA, or one for all of them, or none (1.0 each)."""
+    if len(refs) > MAX_LORAS:
+        raise InputError("hf_loras", f"takes at most {MAX_LORAS} LoRAs, got {len(refs)}")
+    for index, ref in enumerate(refs):
+        if not str(ref).strip():
+            raise InputError(f"hf_loras[{index}]", "is empty: give a LoRA reference or remove the entry")
+    if len(scales) > len(refs) or 1 < len(scales) < len(refs):
+        raise InputError(
+            "lora_scales",
+            f"has {len(scales)} value(s) for {len(refs)} LoRA(s) in hf_loras: give one scale per LoRA, "
+            "or one for all of them",
+        )
+    for index, scale in enumerate(scales):
+        _bounded(f"lora_scales[{index}]", scale, *LORA_SCALE_RANGE)
+    per_lora = list(scales) if len(scales) == len(refs) else [scales[0] if scales else 1.0] * len(refs)
+    return tuple(
+        LoraSpec(str(ref).strip(), scale, f"hf_loras[{index}]")
+        for index, (ref, scale) in enumerate(zip(refs, per_lora, strict=True))
+    )
+
+
 def _choice(field: str, value: str, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise InputError(field, f"must be one of {', '.join(allowed)}, got {value!r}")
@@ -216,6 +241,8 @@ def build_request(
     extra_lora: str | None = None,
     extra_lora_scale: float = 1.0,
     main_field: str = "replicate_weights",
+    hf_loras: Sequence[str] = (),
+    lora_scales: Sequence[float] = (),
 ) -> Request:
     """Apply Replicate's rules to raw inputs (already type-checked by cog's schema). An empty or
     blank prompt runs, as on Replicate (common for img2img and inpainting)."""
@@ -226,8 +253,9 @@ def build_request(
     _bounded("guidance_scale", guidance_scale, 0, 10)
     _bounded("prompt_strength", prompt_strength, 0, 1)
     _bounded("output_quality", output_quality, 0, 100)
-    _bounded("lora_scale", lora_scale, -1, 3)
-    _bounded("extra_lora_scale", extra_lora_scale, -1, 3)
+    _bounded("lora_scale", lora_scale, *LORA_SCALE_RANGE)
+    _bounded("extra_lora_scale", extra_lora_scale, *LORA_SCALE_RANGE)
+    listed = _lora_list(hf_loras, lora_scales)
     if seed is not None and (seed != int(seed) or seed > MAX_USER_SEED):
         raise InputError("seed", f"must be an integer up to {MAX_USER_SEED} (negative: random), got {seed:.0f}")
 
@@ -266,5 +294,5 @@ def build_request(
         output_quality=output_quality,
         disable_safety_checker=disable_safety_checker,
         go_fast=go_fast,
-        loras=_lora(main_lora, lora_scale, main_field) + _lora(extra_lora, extra_lora_scale, "extra_lora"),
+        loras=_lora(main_lora, lora_scale, main_field) + _lora(extra_lora, extra_lora_scale, "extra_lora") + listed,
     )

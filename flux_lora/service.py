@@ -38,6 +38,7 @@ KEEP_OUTPUTS = 8
 
 HOTSWAP = Variant("hotswap", main_lora_per_request=True)
 TRAINED = Variant("trained", main_lora_per_request=False)
+MULTI = Variant("multi", main_lora_per_request=False)  # `hf_loras`: any number of LoRAs per request
 
 
 def _configure_logging() -> None:
@@ -65,6 +66,8 @@ class LoraFile:
     ref: str
     path: Path
     scale: float
+    seconds: float = 0.0  # fetching it took
+    downloaded: bool = False  # False: a cache hit (or a local file)
 
 
 @dataclass
@@ -190,7 +193,7 @@ class Service:
         inputs = dict(inputs)
         if self.variant.main_lora_per_request:
             main, main_field = inputs.pop("replicate_weights", None), "replicate_weights"
-        else:
+        else:  # the trained variant's LoRA (and a multi-LoRA deployment's, if it was given one)
             main, main_field = self.baked_lora, "COG_WEIGHTS"
         for key in ("image", "mask"):
             if inputs.get(key) is not None:
@@ -204,12 +207,14 @@ class Service:
         out: list[LoraFile] = []
         for spec in specs:
             local = self.baked_lora is not None and spec.ref.strip() == self.baked_lora.strip()
+            start, downloads = time.perf_counter(), self.cache.downloads
             try:
                 path = self.cache.fetch(spec.ref, allow_local=local)
             except UserError as exc:  # the cache's own message, tied to the input it came from
                 self.cache.release()  # this request will read none of its files
                 raise LoraError(f"{spec.field}: {exc}") from None
-            out.append(LoraFile(spec.field, spec.ref, path, spec.scale))
+            seconds = time.perf_counter() - start
+            out.append(LoraFile(spec.field, spec.ref, path, spec.scale, seconds, self.cache.downloads > downloads))
         return out
 
     @staticmethod
@@ -271,25 +276,32 @@ class Service:
         from flux_lora.generation.pipelines import generate
         from flux_lora.generation.safety import safe_images
 
-        start = time.perf_counter()
+        start, timings = time.perf_counter(), _Stages()
         request = self.request(inputs)
         log.info("Using seed: %d", request.seed)
         cond = prepare_inputs(request)  # a bad image fails before any LoRA is fetched
         files = self.fetch_loras(request.loras)
+        for file in files:
+            timings.seconds[f"{file.field} {'download' if file.downloaded else 'cache hit'}"] = file.seconds
         request = self._with_trigger_words(request, files)
-        request = self.use_loras(request, files)
+        with timings("adapters"):
+            request = self.use_loras(request, files)
         if request.go_fast and self.pipelines.fast is not None:
             log.info("go_fast: %s", self.pipelines.fast.fp8)
-        images = generate(self.pipelines, request, cond)
-        kept = safe_images(images, self.safety, disabled=request.disable_safety_checker)
-        if self.settings.output_metadata:
-            label_batch(kept, request, cond.width, cond.height, batch=images)
-        paths = save_images(kept, request.output_format, request.output_quality, parent=self.outputs_dir)
-        prune_outputs(self.outputs_dir, keep=KEEP_OUTPUTS)
+        with timings("denoise"):
+            images = generate(self.pipelines, request, cond)
+        with timings("safety"):
+            kept = safe_images(images, self.safety, disabled=request.disable_safety_checker)
+        with timings("encode"):
+            if self.settings.output_metadata:
+                label_batch(kept, request, cond.width, cond.height, batch=images)
+            paths = save_images(kept, request.output_format, request.output_quality, parent=self.outputs_dir)
+            prune_outputs(self.outputs_dir, keep=KEEP_OUTPUTS)
         log.info(
             "Generated %d image(s) at %dx%d (%s, %s) in %.2fs",
             len(paths), cond.width, cond.height, request.model, request.mode.value, time.perf_counter() - start,
         )
+        log.info("Timings: %s", timings)
         return paths
 
     def _with_trigger_words(self, request: Request, files: list[LoraFile]) -> Request:

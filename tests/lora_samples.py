@@ -110,6 +110,19 @@ def as_comfyui(lora: Lora, prefix: str = "diffusion_model.") -> dict[str, torch.
     return out
 
 
+def as_comfyui_extracted(lora: Lora) -> dict[str, torch.Tensor]:
+    """ComfyUI's "Extract and Save Lora" with its default bias_diff: lora_up/lora_down + alpha per BFL module
+    under `diffusion_model.`, plus `.diff_b` (bias differences) and 1-D `.diff` (norm weight differences)."""
+    out = {}
+    for name, (down, up) in lora.items():
+        key = f"diffusion_model.{name}"
+        out |= {f"{key}.lora_down.weight": down.clone(), f"{key}.lora_up.weight": up.clone(),
+                f"{key}.alpha": torch.tensor(float(down.shape[0])), f"{key}.diff_b": torch.full((up.shape[0],), 0.5)}
+    out["diffusion_model.double_blocks.0.img_attn.norm.query_norm.scale.diff"] = torch.full((16,), 0.25)
+    out["diffusion_model.final_layer.norm_final.diff"] = torch.full((32,), 0.25)
+    return out
+
+
 def as_mixture(lora: Lora, transformer: nn.Module) -> dict[str, torch.Tensor]:
     """The "mixture" form: diffusers names flattened under lora_transformer_, kohya down/up + alpha."""
     out = {}

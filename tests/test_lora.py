@@ -94,6 +94,7 @@ def loras(service) -> dict[str, dict[str, torch.Tensor]]:
         "kohya": S.as_kohya(a),
         "comfyui": S.as_comfyui(a),
         "comfyui_model": S.as_comfyui(a, prefix="model.diffusion_model."),
+        "comfyui_extracted": S.as_comfyui_extracted(a),
         "mixture": S.as_mixture(a, tr),
         "xlabs": S.as_xlabs(attn),
         "xlabs_as_peft": S.as_peft(attn, tr),
@@ -169,7 +170,7 @@ def test_a_prediction_runs_its_stages_in_order(service, server, input_image):
 @pytest.mark.parametrize(
     ("fmt", "same_as"),
     [("peft", None), ("peft_noprefix", "peft"), ("kohya", "peft"), ("comfyui", "peft"), ("comfyui_model", "peft"),
-     ("mixture", "peft"),
+     ("comfyui_extracted", "peft"), ("mixture", "peft"),
      ("xlabs", "xlabs_as_peft"), ("clip", None), ("clip_kohya", "clip")],
 )
 def test_each_format_changes_the_image_and_means_the_same(service, server, input_image, fmt, same_as):
@@ -292,6 +293,21 @@ def test_bfl_final_layer_modulation_swaps_shift_and_scale(service):
     converted = convert_lora({"lora_unet_final_layer_adaLN_modulation_1.lora_down.weight": torch.ones(1, 32),
                               "lora_unet_final_layer_adaLN_modulation_1.lora_up.weight": up}, names).transformer
     assert torch.equal(converted["norm_out.linear.lora_B.weight"], torch.cat([up[32:], up[:32]]))
+
+
+def test_comfyui_extracted_differences_are_dropped_by_name_and_full_differences_refused(service, loras, caplog):
+    dev = service.pipelines.text2img["dev"]
+    names = ModelNames.of(dev.transformer, dev.text_encoder)
+    with caplog.at_level(logging.WARNING, logger="flux_lora.lora.formats"):
+        converted = convert_lora(loras["comfyui_extracted"], names)
+    assert "weight difference(s) an adapter cannot carry" in caplog.text and ".diff_b" in caplog.text
+    dropped = [key for key, why in converted.ignored if "dropped" in why]
+    assert "diffusion_model.final_layer.norm_final.diff" in dropped
+    assert sum(key.endswith(".diff_b") for key in dropped) == len(S.random_lora(dev.transformer, 1))
+    assert converted.transformer.keys() == convert_lora(loras["peft"], names).transformer.keys()
+    full = {**loras["comfyui"], "diffusion_model.double_blocks.0.img_attn.proj.diff": torch.ones(32, 32)}
+    with pytest.raises(LoraError, match=r"full weight differences .*img_attn\.proj\.diff.*not a low-rank LoRA"):
+        convert_lora(full, names)
 
 
 def test_lycoris_is_rejected_and_t5_parts_are_skipped(service, caplog):

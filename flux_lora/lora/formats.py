@@ -44,7 +44,10 @@ _DORA = ("dora_scale", "lora_magnitude_vector")
 # LyCORIS variants, told by a key's last name (`<module>.hada_w1_a`) or the one before `.weight`
 # (`<module>.lora_mid.weight`): never a substring test, `model.diffusion_model.` contains ".diff".
 _LYCORIS_LAST_PREFIXES = ("hada_w", "hada_t", "lokr_w", "lokr_t", "oft_")
-_LYCORIS_LAST = ("diff", "diff_b")
+# ComfyUI's "Extract and Save Lora" (bias_diff, the default) writes lora_up/lora_down pairs plus differences
+# an adapter cannot carry: `.diff_b` (a linear's bias) and 1-D `.diff` (a norm's weight). Those are dropped,
+# named in a warning, as diffusers does; a 2-D `.diff` (a whole weight's difference) is refused.
+_DIFF_BIAS, _DIFF = ".diff_b", ".diff"
 _LYCORIS_WEIGHT_OF = ("lora_mid", "a1", "a2", "b1", "b2")
 # Key fragments of other diffusion architectures (flattened: dots become underscores).
 _SD_UNET, _SD_DIFFUSERS = "SDXL/SD 1.5 (original UNet names)", "Stable Diffusion (SD 1.5/SDXL UNet)"
@@ -94,6 +97,8 @@ class ConvertedLora:
     format: str
     transformer: dict[str, torch.Tensor] = field(default_factory=dict)
     text_encoder: dict[str, torch.Tensor] = field(default_factory=dict)
+    ignored: list[tuple[str, str]] = field(default_factory=list)  # (key or module, why it is not applied)
+    alphas: dict[str, float] = field(default_factory=dict)  # module -> alpha, where the file gave one
 
     @property
     def nbytes(self) -> int:
@@ -121,7 +126,7 @@ def detect_format(keys: Iterable[str]) -> str:
 def _is_lycoris(key: str) -> bool:
     parts = key.split(".")
     last = parts[-1]
-    if last in _LYCORIS_LAST or last.startswith(_LYCORIS_LAST_PREFIXES):
+    if last.startswith(_LYCORIS_LAST_PREFIXES):
         return True
     return last == "weight" and len(parts) > 1 and parts[-2] in _LYCORIS_WEIGHT_OF
 
@@ -134,9 +139,26 @@ def _reject_variants(keys: list[str]) -> None:
         )
     if any(_is_lycoris(k) for k in keys):
         raise LoraError(
-            "is a LyCORIS LoRA (LoHa/LoKr/OFT/full-diff keys); only plain LoRAs are supported: "
+            "is a LyCORIS LoRA (LoHa/LoKr/OFT keys); only plain LoRAs are supported: "
             "convert it to a standard LoRA or use another file"
         )
+
+
+def _differences(raw: dict[str, torch.Tensor]) -> list[tuple[str, str]]:
+    """ComfyUI's extracted differences, as (key, why it is dropped); a full weight difference is refused."""
+    dropped = []
+    for key, value in raw.items():
+        if key.endswith(_DIFF_BIAS):
+            dropped.append((key, "bias difference (.diff_b): an adapter carries no bias; dropped"))
+        elif key.endswith(_DIFF):
+            if value.ndim >= 2:
+                raise LoraError(
+                    f"holds full weight differences ({key}: a {tuple(value.shape)} `.diff` matrix, as LyCORIS "
+                    "full or ComfyUI's full-difference extraction write), not a low-rank LoRA: extract it as a "
+                    "LoRA (lora_up/lora_down) instead"
+                )
+            dropped.append((key, "norm weight difference (1-D .diff): an adapter carries no norm; dropped"))
+    return dropped
 
 
 def _foreign_architecture(stems: Iterable[str]) -> str | None:
@@ -213,6 +235,8 @@ def convert_lora(
     keys = list(raw)
     if not keys:
         raise LoraError("is empty: the file holds no tensors")
+    dropped = _differences(raw)
+    keys = [k for k in keys if not k.endswith((_DIFF_BIAS, _DIFF))]
     _reject_variants(keys)
     fmt = detect_format(keys)
 
@@ -237,15 +261,18 @@ def convert_lora(
         raise LoraError(f"has no LoRA weights (no lora_A/lora_B or lora_down/lora_up keys among {len(keys)} keys)")
 
     meta = _metadata_alphas(metadata)
-    out = ConvertedLora(fmt)
+    out = ConvertedLora(fmt, ignored=list(dropped))
     skipped_t5, unmatched = 0, list(unknown)
+    out.ignored += [(key, "not a LoRA key (no lora_A/lora_B, lora_down/lora_up or alpha)") for key in unknown]
     for stem, entry in grouped.items():
         if entry.down is None or entry.up is None:
             unmatched.append(stem)
+            out.ignored.append((stem, "an incomplete pair (a down or an up matrix is missing)"))
             continue
         _check_matrices(stem, entry.down, entry.up)
         if _strip(stem, _T5_PREFIXES) is not None:
             skipped_t5 += 1
+            out.ignored.append((stem, "T5 text encoder: T5 LoRAs are not applied"))
             continue
         clip_name = _strip(stem, _CLIP_PREFIXES)
         if clip_name is not None:
@@ -257,6 +284,7 @@ def convert_lora(
         parts = table.get(flat_name(name))
         if parts is None:
             unmatched.append(stem)
+            out.ignored.append((stem, "matches no module of FLUX.1 (transformer or CLIP)"))
             continue
         rank = entry.down.shape[0]
         alpha = entry.alpha
@@ -265,6 +293,8 @@ def convert_lora(
             alpha = _pattern_alpha(pattern, name)
             alpha = meta_alpha if alpha is None else alpha
         scale = alpha / rank if alpha is not None else 1.0
+        if alpha is not None:
+            out.alphas[stem] = alpha
         for part in parts:
             down, up = _part_weights(stem, entry.down, entry.up, part, linears[part.module])
             target[f"{part.module}.lora_A.weight"] = down.contiguous()
@@ -272,6 +302,11 @@ def convert_lora(
 
     if skipped_t5:
         log.warning("LoRA (%s): skipping %d T5 text-encoder module(s); T5 LoRAs are not applied", fmt, skipped_t5)
+    if dropped:
+        log.warning(
+            "LoRA (%s): dropping %d weight difference(s) an adapter cannot carry (bias .diff_b, norm .diff), e.g. %s",
+            fmt, len(dropped), ", ".join(key for key, _ in dropped[:3]),
+        )
     if not out.transformer and not out.text_encoder:
         sample = ", ".join(unmatched[:3])
         raise LoraError(

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from flux_lora.serving.schema import PREDICTORS
 from flux_lora.settings import Settings
 
 log = logging.getLogger("flux_lora")
@@ -85,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     def predictor_option(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--predictor", choices=["hotswap", "trained"], default="hotswap")
+        p.add_argument("--predictor", choices=list(PREDICTORS), default="hotswap")
 
     p = add("make-tiny", _cmd_make_tiny, "write a tiny random FLUX store (offline, seconds)")
     p.add_argument("dir")

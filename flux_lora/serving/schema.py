@@ -22,7 +22,7 @@ from cog import Path as CogPath
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PREDICT_FILE = PROJECT_ROOT / "predict.py"
-PREDICTORS = {"hotswap": "HotswapPredictor", "trained": "TrainedPredictor"}
+PREDICTORS = {"hotswap": "HotswapPredictor", "trained": "TrainedPredictor", "multi": "MultiLoraPredictor"}
 SCHEMA_RELPATH = Path(".cog") / "openapi_schema.json"
 
 
@@ -285,7 +285,7 @@ def load_predictor_class(predictor: str, predict_file: Path = PREDICT_FILE) -> t
 
 
 def schema_json(predictor: str) -> str:
-    """The schema text for a variant ('hotswap' or 'trained')."""
+    """The schema text for a variant ('hotswap', 'trained' or 'multi')."""
     import cog
 
     return encode(openapi_schema(load_predictor_class(predictor), cog.__version__))

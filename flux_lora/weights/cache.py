@@ -77,6 +77,7 @@ class WeightCache:
         self.local_dirs = tuple(Path(d).expanduser().resolve() for d in local_dirs)
         self.downloader = Downloader(policy)
         self._fetch = Fetch(self.downloader, policy.max_bytes)
+        self.downloads = 0  # files this process downloaded into the cache (a prediction's timings read it)
         for sub in ("files", "locks", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._index_lock = FileLock(self.root / "index.lock")
@@ -135,6 +136,7 @@ class WeightCache:
                 self._make_room(0)
                 words = self._produce(source, staged)
                 os.replace(staged / "lora.safetensors", final)
+                self.downloads += 1
             finally:
                 shutil.rmtree(staged, ignore_errors=True)
             self._hold(final)  # before it is indexed: no eviction anywhere can have chosen it yet
