@@ -44,6 +44,11 @@ DEFAULT_MAX_RANK = 128
 FP8_MULTIPLE = 16  # a budget is rounded up to this: fp8 GEMMs (the folded down matrix) need widths of 16s
 
 
+def rank_budget(max_rank: int | None) -> int:
+    """The rank budget a compiled transformer reserves for FLUX_LORA_MAX_RANK (rounded up to whole 16s)."""
+    return -(-(max_rank or DEFAULT_MAX_RANK) // FP8_MULTIPLE) * FP8_MULTIPLE
+
+
 class AdapterError(LoraError):
     """A LoRA that cannot be applied: `label` is the request input it came from, for the service to name."""
 
@@ -156,7 +161,7 @@ class LoraManager:
         model = self._models[id(self.transformers[key])]
         if model.budget is not None:
             return model.budget
-        rank = -(-(rank or self.max_rank) // FP8_MULTIPLE) * FP8_MULTIPLE
+        rank = rank_budget(rank or self.max_rank)
         for layer in model.layers.values():
             layer.fix(rank)
         model.budget, model.holds = rank, ()

@@ -66,6 +66,30 @@ def _cmd_weights_clear(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_lora_inspect(args: argparse.Namespace) -> int:
+    """A prediction's fetch (the same guards and cache) and reading, reported instead of applied."""
+    import json
+
+    from flux_lora.generation.pipelines import architecture
+    from flux_lora.lora.adapters import rank_budget
+    from flux_lora.lora.inspect import inspect_lora
+    from flux_lora.lora.names import ModelNames
+    from flux_lora.weights.cache import WeightCache
+    from flux_lora.weights.refs import shown
+
+    settings = Settings.from_env()
+    cache = WeightCache.from_settings(settings)
+    path = cache.fetch(args.ref, allow_local=True)  # the operator's own files too
+    try:
+        names = ModelNames.of(*architecture(settings.weights_dir))
+        report = inspect_lora(path, shown(args.ref), names, rank_budget(settings.lora_max_rank),
+                              cache.trigger_words(path))
+    finally:
+        cache.release()
+    print(json.dumps(report.to_json(), indent=1) if args.json else "\n".join(report.lines()))
+    return 0
+
+
 def _cmd_weights_download_base(args: argparse.Namespace) -> int:
     from flux_lora.weights.store import ensure_store, parse_models
 
@@ -105,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-i", "--input", action="append", default=[], metavar="NAME=VALUE",
                    help="an input; NAME=@path for a file")
     p.add_argument("-o", "--output", default="outputs", help="directory for the output files")
+
+    lora = sub.add_parser("lora", help="LoRA files as the server reads them")
+    lsub = lora.add_subparsers(dest="lora_command", required=True)
+    p = lsub.add_parser("inspect", help="fetch a LoRA as a prediction does and report what the server reads in it")
+    p.add_argument("ref", help="any reference replicate_weights takes, or a local file")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(handler=_cmd_lora_inspect)
 
     weights = sub.add_parser("weights", help="the LoRA weight cache and the base-model store")
     wsub = weights.add_subparsers(dest="weights_command", required=True)
