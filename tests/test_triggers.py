@@ -162,3 +162,32 @@ def test_flux_lora_predict_warns_or_prepends(store_env: Path, server: FakeServer
         assert parameters.startswith("ZIKI, a cat\n") and "Prepended 'ZIKI'" in caplog.text
     else:
         assert parameters.startswith("a cat\n") and "does not contain 'ZIKI'" in caplog.text
+
+
+def test_every_lora_of_a_multi_lora_request_is_checked_and_labelled(store_env: Path, server: FakeServer,
+                                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """Three LoRAs through `flux-lora predict --predictor multi`: each one's trigger word is prepended (auto)
+    and each one is in the image's parameters with its own scale."""
+    from flux_lora.serving.cli import main
+
+    monkeypatch.setenv("FLUX_LORA_REPLICATE_URL", server.url)
+    monkeypatch.setenv("FLUX_LORA_ALLOW_PRIVATE_URLS", "1")
+    monkeypatch.setenv("FLUX_LORA_AUTO_TRIGGER", "1")
+    for index, word in enumerate(("ZIKI", "ZOKO", "ZUKU")):
+        config = AI_TOOLKIT_CONFIG.replace("ZIKI", word).encode()
+        server.add_replicate_model("acme", f"m{index}", tar_of({"lora.safetensors": peft_lora(10 + index),
+                                                                 "config.yaml": config}), version="v1")
+    out = tmp_path / "out"
+    args = ["predict", "--predictor", "multi", "-o", str(out), "-i", "prompt=a zoko cat",
+            "-i", 'hf_loras=["acme/m0/v1", "acme/m1/v1"]', "-i", "hf_loras=acme/m2/v1", "-i", "lora_scales=0.5",
+            "-i", "lora_scales=0.6", "-i", "lora_scales=-0.25",
+            "-i", "num_inference_steps=2", "-i", "megapixels=0.25", "-i", "output_format=png"]
+    with caplog.at_level("INFO"):
+        assert main(args) == 0
+    (image,) = out.glob("prediction-*/out-0.png")
+    parameters = Image.open(image).info["parameters"]
+    assert parameters.startswith("ZIKI, ZUKU, a zoko cat\n"), parameters
+    for n, scale in ((1, "0.5"), (2, "0.6"), (3, "-0.25")):
+        assert f"Lora {n}: acme/m{n - 1}/v1, Lora {n} scale: {scale}" in parameters
+    assert "hf_loras[1] acme/m1/v1: trigger word 'ZOKO'" in caplog.text

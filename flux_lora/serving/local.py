@@ -52,8 +52,25 @@ def parse_inputs(pairs: list[str], predictor: str = "hotswap") -> dict[str, Any]
         if name not in props:
             raise InvalidInput(f"{name}: unknown input; known inputs: {', '.join(props)}")
         enum = next((s for s in schema["components"]["schemas"].values() if s.get("title") == name), None)
-        values[name] = _coerce(name, raw, enum or props[name])
+        prop = enum or props[name]
+        if prop.get("type") == "array":  # a list: `-i name=a -i name=b`, or a JSON array `-i 'name=["a","b"]'`
+            items = _json_list(name, raw) if raw.lstrip().startswith("[") else [raw]
+            values.setdefault(name, []).extend(_coerce(name, str(i), prop.get("items", {})) for i in items)
+        else:
+            values[name] = _coerce(name, raw, prop)
     return values
+
+
+def _json_list(name: str, raw: str) -> list[Any]:
+    import json
+
+    try:
+        items = json.loads(raw)
+    except ValueError:
+        raise InvalidInput(f"{name}: expected a JSON array or one value per -i {name}=..., got {raw!r}") from None
+    if not isinstance(items, list):
+        raise InvalidInput(f"{name}: expected a JSON array, got {raw!r}")
+    return items
 
 
 def run_local(predictor: str, values: dict[str, Any], output_dir: Path) -> list[Path]:
