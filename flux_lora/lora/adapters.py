@@ -20,7 +20,8 @@ import logging
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +100,26 @@ def _lora_layers(model: nn.Module) -> list[nn.Module]:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+@contextmanager
+def adapters_bypassed(module: nn.Module) -> Iterator[None]:
+    """Inside, `module` runs its base layers alone: every LoRA layer skips its adapters (their matmuls do not
+    run), whatever they hold and whatever their scales. On exit each layer is as it was. What adapters cost is
+    the same call with and without this (scripts/bench.py, "adapter cost").
+
+    peft's own switch (`enable_adapters`) would also reset the adapters' requires_grad, on which compiled
+    graphs guard: only its flag is set here, and restored.
+    """
+    layers = _lora_layers(module)
+    before = [layer._disable_adapters for layer in layers]
+    try:
+        for layer in layers:
+            layer._disable_adapters = True
+        yield
+    finally:
+        for layer, flag in zip(layers, before, strict=True):
+            layer._disable_adapters = flag
 
 
 def _set_scales(model: nn.Module, scales: dict[str, float], enabled: bool) -> None:
