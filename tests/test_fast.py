@@ -456,6 +456,17 @@ def test_host_memory_cuda_refuses_to_pin_stays_pageable_and_pinned_memory_is_unp
     assert calls[-1] == ("unregister", pointer)
 
 
+def test_packing_each_bf16_transformer_is_a_setup_stage(caplog: pytest.LogCaptureFixture):
+    from flux_lora import SETUP_LOGGER
+    from flux_lora.generation.memory import Residency
+    from flux_lora.generation.tiny import tiny_transformer
+
+    with caplog.at_level(logging.INFO, logger=SETUP_LOGGER):
+        Residency(CPU, {"a": tiny_transformer(True), "b": tiny_transformer(False)}, resident="a")
+    pins = [r for r in caplog.records if getattr(r, "stage", None) == "pin"]
+    assert len(pins) == 2 and all(0 <= r.seconds < 30 and "pageable" in r.getMessage() for r in pins)
+
+
 def test_the_bf16_slot_path_of_a_service_runs_on_cpu(store: Path, tmp_path: Path):
     """The GPU's bf16 slot through the real Service: each plain request moves its transformer into the slot
     (adapters with it) and go_fast is quantized from the slot's copy (`Service.from_modules`), with the

@@ -107,7 +107,7 @@ class Residency:
         for key, data in weights.items():
             offsets[key] = total
             total += _aligned(data.nbytes)
-        start = time.perf_counter()
+        began = time.perf_counter()
         buffer = torch.empty(total, dtype=torch.uint8)
         # Registering pins exactly these bytes; pin_memory() would round up to a power of two.
         pinned = self.device.type == "cuda" and total > 0 and pin(buffer)
@@ -118,7 +118,7 @@ class Residency:
             views[key] = view.copy_(data)
         kind = "pinned" if pinned else "pageable"
         log.info("Packed %d weights into %.2f GB of %s host memory", len(views), total / 1e9, kind)
-        log_setup_stage("pin", time.perf_counter() - start, f"({total / 1e9:.1f} GB {kind})")
+        log_setup_stage("pin", time.perf_counter() - began, f"({total / 1e9:.1f} GB {kind})")
         return HostCopy(buffer, views)
 
     def park(self, name: str) -> None:
