@@ -18,3 +18,15 @@ _os.environ.setdefault("HF_ENABLE_PARALLEL_LOADING", "yes")
 # with scripts/soak.py: +60% over 200 varied requests, flat with these). Only CPU ops are affected.
 _os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "0")
 _os.environ.setdefault("LRU_CACHE_CAPACITY", "1")
+
+# Setup logs one record per stage as it ends (build, pin, quantize, reserve, compile, warm-up, ...), on this
+# logger, carrying `stage` and `seconds`: a cold start that stalls shows the last stage it finished, and
+# scripts/bench.py prints them as its setup timeline.
+SETUP_LOGGER = "flux_lora.setup"
+
+
+def log_setup_stage(stage: str, seconds: float, detail: str = "") -> None:
+    """One setup stage has ended: `seconds` it took; `detail` says what it covered."""
+    _logging.getLogger(SETUP_LOGGER).info(
+        "setup: %s %.1fs%s", stage, seconds, f" {detail}" if detail else "", extra={"stage": stage, "seconds": seconds}
+    )

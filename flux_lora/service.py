@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from flux_lora import log_setup_stage
 from flux_lora.errors import LoraError, UserError
 from flux_lora.request import LoraSpec, PipelineKey, Request, build_request, effective_scale
 from flux_lora.settings import Settings
@@ -79,7 +80,7 @@ class Modules:
 
 
 class _Stages:
-    """Seconds per setup stage, for the one-line cold-start breakdown in the logs."""
+    """Seconds per setup stage, each logged as it ends, and the one-line cold-start breakdown in the logs."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
@@ -91,6 +92,7 @@ class _Stages:
             yield
         finally:
             self.seconds[name] = time.perf_counter() - start
+            log_setup_stage(name, self.seconds[name])
 
     def __str__(self) -> str:
         return ", ".join(f"{name} {sec:.2f}s" for name, sec in self.seconds.items())
@@ -100,9 +102,15 @@ class Service:
     """Models loaded once at setup; one `predict` per request."""
 
     def __init__(
-        self, variant: Variant, settings: Settings, baked_lora: str | None, modules: Modules | None = None
+        self,
+        variant: Variant,
+        settings: Settings,
+        baked_lora: str | None,
+        modules: Modules | None = None,
+        warmup: list[tuple[str, str, int]] | None = None,
     ) -> None:
-        """Load the store (or take `modules` built in memory), then go_fast, LoRA slots, compilation."""
+        """Load the store (or take `modules` built in memory), then go_fast, LoRA slots, compilation; `warmup`:
+        the sizes compiled go_fast is warmed up at (None: every graph a prediction can need)."""
         stages = _Stages()
         with stages("imports"):  # torch and diffusers: the largest part of a warm cold start
             import torch
@@ -138,7 +146,7 @@ class Service:
             self.pipelines, self.safety, store = modules.pipelines, modules.safety, None
             device = self.pipelines.device
         # Both variants offer go_fast: fp8 copies are built (or read pre-quantized) at setup.
-        with stages("go_fast"):
+        with stages("quantize"):  # go_fast's fp8 copies (read pre-quantized when the store has them)
             fast = load_fast_pipelines(self.pipelines, store)
         # One manager over the plain and the go_fast transformers and the shared CLIP; where no fp8 runs,
         # the go_fast key holds the plain module itself.
@@ -161,23 +169,31 @@ class Service:
         # go_fast's fp8 transformers (and any that will be compiled) hold the rank budget on every linear from
         # now on: later LoRAs are written in and never recompile, and compiled or not they compute alike.
         baked_rank = max((self._converted(f).max_rank for f in files), default=0)
-        for key in self.transformers:
-            if key.go_fast and (compiled or self._has_plain_twin(key)):
-                self.loras.reserve(key, max(self.loras.max_rank, baked_rank))
+        with stages("reserve"):
+            for key in self.transformers:
+                if key.go_fast and (compiled or self._has_plain_twin(key)):
+                    self.loras.reserve(key, max(self.loras.max_rank, baked_rank))
         for key in self.transformers if files else ():  # the baked LoRA stays resident everywhere
             self.apply_loras(key, files)
         self.cache.release()
         if compiled:
-            stages.seconds.update(compile_fast_pipelines(self.pipelines, store, settings.compile_backend))
+            # compile and warm-up log their own lines, per model
+            stages.seconds.update(compile_fast_pipelines(self.pipelines, store, settings.compile_backend, warmup))
         self.setup_seconds = stages.seconds  # the benchmark's setup rows
         log.info("Setup on %s: %s", device, stages)
 
     @classmethod
     def from_modules(
-        cls, variant: Variant, settings: Settings, modules: Modules, baked_lora: str | None = None
+        cls,
+        variant: Variant,
+        settings: Settings,
+        modules: Modules,
+        baked_lora: str | None = None,
+        warmup: list[tuple[str, str, int]] | None = None,
     ) -> Service:
-        """A service over modules built in memory, nothing read from the store: what the benchmark times."""
-        return cls(variant, settings, baked_lora, modules)
+        """A service over modules built in memory, nothing read from the store: what the benchmark times
+        (warmed up at `warmup`'s sizes only, when given)."""
+        return cls(variant, settings, baked_lora, modules, warmup)
 
     @classmethod
     def start(cls, variant: Variant, weights: str | Path | None = None) -> Service:

@@ -2,8 +2,10 @@
 
 Why: the packages there are a mix of the image's and the wheels carried in `.whl/`, and torchao falls
 back quietly when its C++/CUDA extension does not load (its fp8 matmuls go through torch._scaled_mm
-either way), so the first command of a device call prints this, and scripts/bench.py puts the same
-dict in its header (`runpy.run_path("scripts/gpu_env.py")["describe"]()`).
+either way), so the first command of a device call prints this, and scripts/bench.py writes the same
+dict to its env.json. Also printed: the versions there of the packages scripts/wheelhouse.py could only
+take on trust (a carried wheel needs them, their version there was never recorded), and whether
+pillow writes WebP (the default output format).
 
     python scripts/gpu_env.py
 """
@@ -14,12 +16,14 @@ import importlib.metadata
 import importlib.util
 import json
 import platform
+import runpy
 from pathlib import Path
 
 PACKAGES = (
     "torch", "torchao", "diffusers", "transformers", "peft", "accelerate", "safetensors", "huggingface_hub",
     "tokenizers", "sentencepiece", "pillow", "cog", "coglet", "triton",
 )  # fmt: skip
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _version(name: str) -> str | None:
@@ -55,9 +59,19 @@ def _torchao_extension() -> dict:
     }
 
 
-def describe() -> dict:
-    """Python, package versions, torch's CUDA and GPU, and torchao's extension status, as one dict."""
+def unverified_versions(wheels: Path, device_list: Path = ROOT / "scripts" / "device-packages.txt") -> dict:
+    """Installed versions of what scripts/wheelhouse.py lists as unverified for the wheels in `wheels`."""
+    wheelhouse = runpy.run_path(str(ROOT / "scripts" / "wheelhouse.py"))
+    carried = [wheelhouse["read_wheel"](p) for p in sorted(wheels.glob("*.whl"))]
+    report = wheelhouse["check"](carried, wheelhouse["read_device_packages"](device_list))
+    return {name: _version(name) for name in sorted(report.unverified_names)}
+
+
+def describe(wheels: Path = ROOT / ".whl") -> dict:
+    """Python, package versions, torch's CUDA and GPU, torchao's extension status, the versions of the
+    packages the carried wheels (`wheels`) need that were never recorded for the device, and pillow's WebP."""
     import torch
+    from PIL import features
 
     info: dict = {
         "python": platform.python_version(),
@@ -76,6 +90,8 @@ def describe() -> dict:
             "multiprocessors": props.multi_processor_count,
         }
     info["torchao_extension"] = _torchao_extension()
+    info["unverified"] = unverified_versions(wheels) if wheels.is_dir() else "no carried wheels here"
+    info["pillow_webp"] = features.check("webp")
     return info
 
 

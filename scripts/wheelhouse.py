@@ -55,6 +55,7 @@ class Report:
 
     errors: list[str] = field(default_factory=list)
     unverified: list[str] = field(default_factory=list)
+    unverified_names: set[NormalizedName] = field(default_factory=set)  # scripts/gpu_env.py prints their versions
 
 
 def read_wheel(path: Path) -> Wheel:
@@ -103,6 +104,7 @@ def check(carried: list[Wheel], device: dict[NormalizedName, Version | None]) ->
             elif device[need] is None:
                 if spec:
                     report.unverified.append(f"{what}: on the device, version unrecorded")
+                    report.unverified_names.add(need)
             elif not spec.contains(device[need], prereleases=True):
                 report.errors.append(f"{what}: the device has {device[need]}, carry one that fits")
     return report

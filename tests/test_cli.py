@@ -158,5 +158,5 @@ def test_setup_logs_a_timing_breakdown(store_env: Path, tmp_path: Path, caplog: 
     caplog.set_level("INFO", logger="flux_lora")
     _predict(tmp_path, "prompt=x", "model=schnell")
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Setup on ")]
-    for stage in ("imports", "store check", "pipelines", "safety", "go_fast"):
+    for stage in ("imports", "store check", "pipelines", "safety", "quantize"):
         assert f"{stage} " in line, line

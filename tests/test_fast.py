@@ -402,6 +402,71 @@ def test_residency_packs_each_model_into_one_exact_size_host_buffer_at_setup():
     assert torch.equal(call(b), before)
 
 
+def test_a_gpu_that_holds_both_bf16_transformers_beside_their_fp8_copies_swaps_neither():
+    """FLUX.1's real transformers (sized on the meta device) and 9.9 GB of text encoders and VAE: an H200
+    (about 139 GiB usable) keeps everything resident, an 80 GB H100 (about 79 GiB) needs the one bf16 slot."""
+    from diffusers import FluxTransformer2DModel
+
+    from flux_lora.generation.memory import fits_without_swap, module_bytes
+
+    with torch.device("meta"):
+        plain = sum(module_bytes(FluxTransformer2DModel(guidance_embeds=g).to(torch.bfloat16)) for g in (True, False))
+    assert 47.5e9 < plain < 47.7e9  # docs/memory-plan.md: 23.8 GB each
+    shared = int(9.9e9)
+    assert fits_without_swap(plain, shared, 139 * 2**30)
+    assert not fits_without_swap(plain, shared, 79 * 2**30)
+
+
+def test_host_memory_cuda_refuses_to_pin_stays_pageable_and_pinned_memory_is_unpinned_when_freed(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    from flux_lora.generation import memory
+
+    calls = []
+
+    class Cudart:  # CUDA's runtime as torch exposes it: an error code per call
+        def __init__(self, register_code: int) -> None:
+            self.register_code = register_code
+
+        def cudaHostRegister(self, pointer: int, size: int, flags: int) -> int:
+            calls.append(("register", pointer, size))
+            return self.register_code
+
+        def cudaHostUnregister(self, pointer: int) -> int:
+            calls.append(("unregister", pointer))
+            return 0
+
+    def check_error(code: int) -> None:
+        if code:
+            raise RuntimeError(f"CUDA error: {code}")  # what torch.cuda.CudaError is
+
+    monkeypatch.setattr(torch.cuda, "check_error", check_error)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: Cudart(register_code=2))  # cudaErrorMemoryAllocation
+    buffer = torch.empty(1000, dtype=torch.uint8)
+    with caplog.at_level(logging.WARNING, logger="flux_lora.generation.memory"):
+        assert memory.pin(buffer) is False
+    assert "it stays pageable" in caplog.text and calls == [("register", buffer.data_ptr(), 1000)]
+
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: Cudart(register_code=0))
+    calls.clear()
+    pinned = torch.empty(512, dtype=torch.uint8)
+    pointer = pinned.data_ptr()
+    assert memory.pin(pinned) is True and calls == [("register", pointer, 512)]
+    del pinned
+    assert calls[-1] == ("unregister", pointer)
+
+
+def test_packing_each_bf16_transformer_is_a_setup_stage(caplog: pytest.LogCaptureFixture):
+    from flux_lora import SETUP_LOGGER
+    from flux_lora.generation.memory import Residency
+    from flux_lora.generation.tiny import tiny_transformer
+
+    with caplog.at_level(logging.INFO, logger=SETUP_LOGGER):
+        Residency(CPU, {"a": tiny_transformer(True), "b": tiny_transformer(False)}, resident="a")
+    pins = [r for r in caplog.records if getattr(r, "stage", None) == "pin"]
+    assert len(pins) == 2 and all(0 <= r.seconds < 30 and "pageable" in r.getMessage() for r in pins)
+
+
 def test_the_bf16_slot_path_of_a_service_runs_on_cpu(store: Path, tmp_path: Path):
     """The GPU's bf16 slot through the real Service: each plain request moves its transformer into the slot
     (adapters with it) and go_fast is quantized from the slot's copy (`Service.from_modules`), with the

@@ -106,13 +106,27 @@ def test_carried_pins_are_exact_match_requirements_txt_and_never_replace_torch()
     assert device["torch"] == Version("2.11.0") and "importlib-metadata" not in device
 
 
-def test_first_gpu_command_reports_versions_and_torchao_extension_on_cpu_too() -> None:
+def test_first_gpu_command_reports_versions_and_torchao_extension_on_cpu_too(tmp_path: Path) -> None:
     import torch
 
-    info = runpy.run_path(str(ROOT / "scripts" / "gpu_env.py"))["describe"]()
+    info = runpy.run_path(str(ROOT / "scripts" / "gpu_env.py"))["describe"](tmp_path)
     assert info["torch"] == torch.__version__ and info["versions"]["diffusers"] is not None
+    assert info["pillow_webp"] is True  # WebP is the default output format
+    assert info["unverified"] == {}  # no carried wheel here needs anything
     ext = info["torchao_extension"]
     assert set(ext["loaded"]) | set(ext["errors"]) == set(ext["files"])
     assert ext["fp8_matmul"] in {"torch._scaled_mm", "mslk"}
     if not torch.cuda.is_available():
         assert info["gpu"] is None and not ext["all_loaded"]
+
+
+def test_first_gpu_command_reports_the_versions_wheelhouse_took_on_trust(tmp_path: Path) -> None:
+    """What a carried wheel needs from the device at a version never recorded there: its installed version."""
+    import importlib.metadata
+
+    device = tmp_path / "device.txt"
+    device.write_text("pillow\nrequests\npackaging==99.0\n")
+    make_wheel(tmp_path, "cog", "0.23.1", "pillow>=10", "requests", "packaging>=20")
+    unverified = runpy.run_path(str(ROOT / "scripts" / "gpu_env.py"))["unverified_versions"](tmp_path, device)
+    # requests: no version asked for; packaging: its version there is recorded (and fits)
+    assert unverified == {"pillow": importlib.metadata.version("pillow")}

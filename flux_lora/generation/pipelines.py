@@ -50,7 +50,7 @@ class Pipelines:
     dtype: torch.dtype
     fast: Pipelines | None = None  # go_fast entry points (fp8 + compile), sharing everything else
     fp8: str = "plain"  # which fp8 the transformers run (fast.Fp8Mode value)
-    residency: Residency | None = field(default=None, repr=False)  # CUDA: the one bf16 slot
+    residency: Residency | None = field(default=None, repr=False)  # a GPU too small for both: the one bf16 slot
 
     @property
     def transformers(self) -> dict[str, FluxTransformer2DModel]:
@@ -134,23 +134,34 @@ def load_pipelines(store: Path, device: torch.device, dtype: torch.dtype) -> Pip
 
 def assemble(
     dev: FluxPipeline,
-    schnell_transformer: FluxTransformer2DModel,
+    schnell_transformer: FluxTransformer2DModel | None,
     schnell_scheduler: FlowMatchEulerDiscreteScheduler,
     device: torch.device,
     dtype: torch.dtype,
 ) -> Pipelines:
     """The six entry points over dev's pipeline and schnell's transformer and scheduler (loaded from the
-    store, or built in memory by the benchmark); on CUDA the two bf16 transformers share one GPU slot."""
-    schnell = FluxPipeline.from_pipe(dev, transformer=schnell_transformer, scheduler=schnell_scheduler, dtype=dtype)
-    residency = None
-    if device.type == "cuda":
-        from flux_lora.generation.memory import Residency
+    store, or built in memory by the benchmark, which may leave schnell out). On a GPU that holds both bf16
+    transformers beside their fp8 copies (an H200) both stay on it; on a smaller one they share one GPU slot."""
+    from flux_lora.generation.memory import Residency, fits_without_swap, module_bytes
 
-        # Both bf16 transformers plus the fp8 copies exceed 80 GB: they share one GPU slot.
-        residency = Residency(device, {"dev": dev.transformer, "schnell": schnell_transformer}, resident="dev")
-    elif device.type != "cpu":
-        schnell_transformer.to(device)
-    pipelines = entry_points({"dev": dev, "schnell": schnell}, device, dtype)
+    pipes = {"dev": dev}
+    if schnell_transformer is not None:
+        pipes["schnell"] = FluxPipeline.from_pipe(
+            dev, transformer=schnell_transformer, scheduler=schnell_scheduler, dtype=dtype
+        )
+    plain = {name: pipe.transformer for name, pipe in pipes.items()}
+    residency = None
+    if device.type == "cuda" and len(plain) > 1:
+        shared = sum(module_bytes(m) for m in (dev.text_encoder, dev.text_encoder_2, dev.vae))
+        total = torch.cuda.get_device_properties(device).total_memory
+        if not fits_without_swap(sum(module_bytes(t) for t in plain.values()), shared, total):
+            residency = Residency(device, plain, resident="dev")
+        log.info("bf16 transformers: %s (%.0f GB GPU)", "one GPU slot, swapped" if residency else "all resident",
+                 total / 1e9)
+    if residency is None and device.type != "cpu":
+        for transformer in plain.values():
+            transformer.to(device)
+    pipelines = entry_points(pipes, device, dtype)
     pipelines.residency = residency
     return pipelines
 
@@ -212,16 +223,25 @@ def load_fast_pipelines(
     return result
 
 
-def compile_fast_pipelines(pipelines: Pipelines, store: Path | None, backend: str = "inductor") -> dict[str, float]:
+def compile_fast_pipelines(
+    pipelines: Pipelines,
+    store: Path | None,
+    backend: str = "inductor",
+    sizes: list[tuple[str, str, int]] | None = None,
+) -> dict[str, float]:
     """Compile go_fast's transformers, warm every graph up through `generate`, then freeze them.
 
     Call once the transformers' structure is final (their LoRA slots reserved). The warm-up is real
     requests, one step, latents only: dynamo decides recompiles by guards on exactly what the
     pipelines pass (grad mode, dtypes, `joint_attention_kwargs`, shapes), so a hand-made call would
-    warm other graphs. Frozen, a transformer never compiles again (`fast.freeze_compiled`). The
+    warm other graphs. `sizes` (aspect ratio, megapixels, batch): every graph a prediction can need
+    (`fast.warmup_sizes`) unless the caller knows it needs fewer (the benchmark's quick run: one size,
+    batch 1). Frozen, a transformer never compiles again (`fast.freeze_compiled`). The
     compile cache lives under `store` and is saved for the next cold start. Returns the seconds spent
-    compiling (the first call of each model, which traces and builds the graphs) and warming up (the rest).
+    compiling (the first call of each model, which traces and builds the graphs) and warming up (the rest);
+    each model's are logged as they end (`log_setup_stage`).
     """
+    from flux_lora import log_setup_stage
     from flux_lora.generation import fast
     from flux_lora.generation.inputs import prepare_inputs
     from flux_lora.request import build_request
@@ -229,6 +249,7 @@ def compile_fast_pipelines(pipelines: Pipelines, store: Path | None, backend: st
     assert pipelines.fast is not None, "load_fast_pipelines first"
     start = time.perf_counter()
     fast_pipes = pipelines.fast
+    sizes = sizes or fast.warmup_sizes()
     tag = f"{fast_pipes.fp8}-{str(pipelines.dtype).removeprefix('torch.')}"
     if store is not None:
         fast.configure_compile_cache(store)
@@ -238,21 +259,28 @@ def compile_fast_pipelines(pipelines: Pipelines, store: Path | None, backend: st
         fast.compile_transformer(transformer, backend=backend)
     seconds = {"compile": 0.0, "warm-up": 0.0}
     for name in fast_pipes.text2img:
-        for index, (ratio, megapixels, batch) in enumerate(fast.warmup_sizes()):
+        model_seconds = {"compile": 0.0, "warm-up": 0.0}
+        for index, (ratio, megapixels, batch) in enumerate(sizes):
             request = build_request(
                 prompt="warm-up", model=name, go_fast=True, aspect_ratio=ratio, megapixels=megapixels,
                 num_outputs=batch, num_inference_steps=1, seed=0,
             )
             call_start = time.perf_counter()
             generate(fast_pipes, request, prepare_inputs(request), output_type="latent")
-            seconds["compile" if index == 0 else "warm-up"] += time.perf_counter() - call_start
+            model_seconds["compile" if index == 0 else "warm-up"] += time.perf_counter() - call_start
+            if index == 0:
+                log_setup_stage("compile", model_seconds["compile"], f"{name} ({backend}, first warm-up call)")
+        if len(sizes) > 1:
+            log_setup_stage("warm-up", model_seconds["warm-up"], f"{name} ({len(sizes) - 1} more sizes)")
+        for stage, value in model_seconds.items():
+            seconds[stage] += value
     for name, transformer in fast_pipes.transformers.items():
         fast.freeze_compiled(transformer, name)
     if store is not None and backend == "inductor":
         fast.save_compile_artefacts(store, tag)
     log.info(
         "go_fast compiled (%s) and warmed %d sizes x %d models in %.1fs: %d graphs",
-        backend, len(fast.warmup_sizes()), len(fast_pipes.text2img), time.perf_counter() - start,
+        backend, len(sizes), len(fast_pipes.text2img), time.perf_counter() - start,
         fast.compiled_graphs() - graphs,
     )
     return seconds
