@@ -16,4 +16,6 @@ python3 -m pip install -q --no-index --find-links .whl --no-cache-dir --no-compi
 python3 scripts/gpu_env.py
 echo "installed and checked in ${SECONDS} s"
 # --budget counts from bench.py's start: what the install took comes off the call's 540 s.
-python3 scripts/bench.py --quick --aten-gemm --budget $((540 - SECONDS)) --out "$OUT" 2>&1 | tee "$OUT/bench.log"
+# --modeled: the cost model's step times (scripts/roofline.py) beside the measured ones, to correct the model.
+python3 scripts/bench.py --quick --aten-gemm --budget $((540 - SECONDS)) --modeled scripts/roofline.json \
+  --out "$OUT" 2>&1 | tee "$OUT/bench.log"

@@ -2,6 +2,7 @@
 
     python scripts/roofline.py            # the table: H100 and H200, each adapter design
     python scripts/roofline.py --json     # rows {name, gpu, rank, ms_per_step, lora_gemms_per_step, overhead}
+    python scripts/roofline.py --designs "packed 128" --bench-json scripts/roofline.json  # bench.py --modeled
 
 No GPU and no weights: one real-width double block and one single block (FLUX.1-dev: 3072 wide, 24 heads
 of 128) are built on the meta device, quantized to fp8-dynamic as go_fast quantizes them on Hopper
@@ -445,14 +446,36 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+# The benchmark's rows the model speaks for (scripts/bench.py, ROWS), in transformer-block steps: the model
+# times the 57 blocks only (the text encoders, the VAE, the safety checkers and the rest are not in it).
+# go_fast's fp8 transformers always hold their adapters, a LoRA loaded or not: those rows are the packed step.
+BENCH_ROWS = {
+    "dev 28 steps go_fast, one LoRA": 28,
+    "dev 28 steps go_fast, no LoRA": 28,
+    "schnell 4 steps go_fast, no LoRA": 4,
+    "adapter cost: one dev step, one LoRA vs bypassed (eager)": 1,
+}
+
+
+def bench_modeled(rows: list[Row]) -> dict[str, dict[str, float]]:
+    """{bench row: {GPU: seconds}} for `bench.py --modeled`, from the packed step at the default rank budget."""
+    from flux_lora.lora.adapters import DEFAULT_MAX_RANK
+
+    step = {r.gpu: r.ms_per_step / 1e3 for r in rows if r.name == "packed" and r.rank == DEFAULT_MAX_RANK}
+    return {name: {gpu: round(steps * s, 4) for gpu, s in step.items()} for name, steps in BENCH_ROWS.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     parser.add_argument("--designs", nargs="+", choices=list(DESIGNS), help="model only these (default: all)")
     parser.add_argument("--check-layouts", action="store_true", help="exit 1 if a _scaled_mm layout is refused")
+    parser.add_argument("--bench-json", type=Path, help="also write the benchmark's modeled rows (bench --modeled)")
     args = parser.parse_args(argv)
     rows, problems = model_rows(args.designs)
     print(json.dumps([asdict(row) for row in rows], indent=1) if args.json else table(rows))
+    if args.bench_json:
+        args.bench_json.write_text(json.dumps(bench_modeled(rows), indent=1, sort_keys=True) + "\n")
     for problem in problems:
         print(f"layout: {problem}", file=sys.stderr)
     return 1 if args.check_layouts and problems else 0

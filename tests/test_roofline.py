@@ -65,3 +65,17 @@ def test_the_layout_check_catches_a_row_major_b_and_odd_widths(roofline):
     assert problems(torch.empty(48, 32, **fp8).t()) == []  # column-major 32 x 48
     assert any("B must be column-major" in p for p in problems(torch.empty(32, 48, **fp8)))
     assert any("multiples of 16" in p for p in problems(torch.empty(40, 32, **fp8).t()))
+
+
+def test_the_modeled_rows_are_the_benchmarks_and_the_file_the_first_gpu_call_reads(roofline):
+    import json
+
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
+    bench = sys.modules.setdefault("bench", importlib.util.module_from_spec(spec))
+    spec.loader.exec_module(bench)
+    names = {row.name for row in bench.ROWS}
+    assert set(roofline.BENCH_ROWS) <= names
+    modeled = json.loads((ROOT / "scripts" / "roofline.json").read_text())
+    assert set(modeled) == set(roofline.BENCH_ROWS)
+    assert all(set(gpus) == {"H100", "H200"} for gpus in modeled.values())
+    assert "--modeled scripts/roofline.json" in (ROOT / "scripts" / "gpu_first_call.sh").read_text()
