@@ -96,7 +96,6 @@ def main() -> int:
         baseline += [baseline[0], baseline[0]]  # a plain server reloads on every request
         pipe.unload_lora_weights()  # the manager gets the transformer as the baseline got it
 
-
         manager = LoraManager({"dev": tr}, pipe.text_encoder)
 
         def use(main: str | None, extra: str | None = None, scale: float = 1.0) -> None:
