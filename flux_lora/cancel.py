@@ -45,10 +45,6 @@ class Token:
             except Exception:  # a waker that fails leaves its read to the next check
                 log.debug("cancel waker failed", exc_info=True)
 
-    @property
-    def cancelled(self) -> bool:
-        return self._event.is_set()
-
     def check(self) -> None:
         """Raise `Cancelled` if the run was cancelled."""
         if self._event.is_set():

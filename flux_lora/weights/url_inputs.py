@@ -8,7 +8,8 @@ a plain `requests.get` (redirects followed, any address) into a temporary file, 
 (`unlink`) after the prediction. A failure there reaches the user as "Input validation error: {exc}".
 
 Importing this module replaces `cog.types.Path.validate` for http(s) URLs (data: URIs stay with cog:
-no network; a malformed one is refused first, with a reason in words instead of cog's decoder's text). The value becomes a `GuardedURLPath`, whose `convert()` downloads through
+no network; a malformed one is refused first, its reason in words rather than cog's decoder's text).
+An http(s) value becomes a `GuardedURLPath`, whose `convert()` downloads through
 `flux_lora.weights.http.Downloader`: the LoRA rules (public addresses only unless FLUX_LORA_ALLOW_PRIVATE_URLS,
 checked before any connection and after each redirect; the connection dials the checked address; the
 size cap; retries). A refused or failed fetch does not raise inside coglet, where no field is known:
