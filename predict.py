@@ -13,15 +13,14 @@ that arrives while another runs waits its turn instead of getting `409 At capaci
 """
 
 import asyncio
-import contextvars
 import functools
 import logging
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
 from cog import BaseRunner, Input, Path
 
+from flux_lora import cancel
 from flux_lora.errors import UserError, for_cog
 from flux_lora.generation.progress import log_progress
 from flux_lora.service import HOTSWAP, MULTI, TRAINED, Service, Variant
@@ -130,7 +129,7 @@ class OneAtATime(BaseRunner):
 
     def load(self, variant: Variant, weights: Optional[str]) -> None:
         self.service = Service.start(variant, weights)
-        self.steps = log_progress(self.service.pipelines)
+        log_progress(self.service.pipelines)
         self.gpu = asyncio.Lock()  # FIFO: requests run in the order they arrived
         # One thread for every run: torch's grad mode is per thread (setup turned it off in its own).
         self.gpu_thread = ThreadPoolExecutor(1, thread_name_prefix="gpu", initializer=_without_grad)
@@ -138,30 +137,29 @@ class OneAtATime(BaseRunner):
     async def in_turn(self, inputs: dict[str, Any]) -> list[Path]:
         """Wait for the GPU (cancelling here ends the prediction unrun), then run in the GPU thread.
 
-        A cancel during the run stops it at its next denoising step (flux_lora.generation.progress); the GPU
-        is released only once the run has stopped, so the next request never overlaps it.
+        A cancel during the run reaches every stage through the run's token (flux_lora.cancel): a download
+        stops and removes its partial file, denoising stops at its next step. The GPU is released only once
+        the run has stopped, so the next request never overlaps it.
         """
         url_inputs.check_fetched(self.run, inputs)
         if self.gpu.locked():
             log.info("Waiting for the prediction ahead of this one to finish")
         async with self.gpu:
-            cancel = threading.Event()
-            self.steps.cancel = cancel
+            token = cancel.Token()
             run = functools.partial(self.service.predict, **inputs)
-            # copy_context: the run's log lines carry this prediction's id (cog routes them by it).
-            work = asyncio.get_running_loop().run_in_executor(self.gpu_thread, contextvars.copy_context().run, run)
+            # The run's context: its token, and this prediction's id on its log lines (cog routes them by it).
+            ctx = cancel.context_with(token)
+            work = asyncio.get_running_loop().run_in_executor(self.gpu_thread, ctx.run, run)
             try:
                 paths = await asyncio.shield(work)
             except UserError as exc:  # reaches the cog server named for its field, not its class
                 raise for_cog(exc) from None
             except asyncio.CancelledError:
-                cancel.set()
+                token.cancel()
                 await asyncio.wait({work})
                 if not work.cancelled():
-                    work.exception()  # its CancelationException is expected: mark it retrieved
+                    work.exception()  # its Cancelled is expected: mark it retrieved
                 raise
-            finally:
-                self.steps.cancel = None
         return [Path(p) for p in paths]
 
 

@@ -20,6 +20,32 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))  # tests/seeds.py and friends
 
 
+# What flux_lora.generation.fast.configure_compile_cache writes into os.environ (for the whole process).
+COMPILE_CACHE_ENV = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE",
+                     "TORCHINDUCTOR_AUTOGRAD_CACHE")
+
+
+def isolate_compile_cache_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unset the compile-cache variables until `monkeypatch` undoes its changes, each restored as it was.
+
+    `monkeypatch.delenv` of an unset variable records nothing, so a value set later (by the code under
+    test) would outlive the test: each variable is set first, which records its state, then removed.
+    """
+    for name in COMPILE_CACHE_ENV:
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+
+
+@pytest.fixture(autouse=True)
+def _compile_cache_env_is_restored() -> Iterator[None]:
+    """No test leaves the compile cache's switches (set only by our code, never at import) to the tests after it."""
+    names = COMPILE_CACHE_ENV[1:]  # importing diffusers sets TORCHINDUCTOR_CACHE_DIR itself
+    before = {name: os.environ.get(name) for name in names}
+    yield
+    after = {name: os.environ.get(name) for name in names}
+    assert after == before, "compile-cache variables leaked: use conftest.isolate_compile_cache_env"
+
+
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from flux_lora.generation.tiny import make_tiny_store
@@ -45,7 +71,7 @@ def free_port() -> int:
 class CogServer:
     """`flux-lora serve` in a subprocess: the real coglet HTTP server on 127.0.0.1."""
 
-    def __init__(self, predictor: str, workdir: Path, env: dict[str, str]) -> None:
+    def __init__(self, predictor: str, workdir: Path, env: dict[str, str], wait: bool = True) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = workdir / "server.log"
@@ -56,7 +82,22 @@ class CogServer:
             stdout=self.log.open("wb"),
             stderr=subprocess.STDOUT,
         )
-        self.wait_ready()
+        if wait:
+            self.wait_ready()
+
+    def health(self, timeout: float = 180) -> dict:
+        """/health-check's answer once setup is over (READY, SETUP_FAILED, ...): for a setup expected to fail."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                body = requests.get(f"{self.url}/health-check", timeout=2).json()
+                if body.get("status") != "STARTING":
+                    return body
+            except (requests.ConnectionError, requests.Timeout, ValueError):
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"server exited:\n{self.log.read_text()[-3000:]}") from None
+            time.sleep(0.2)
+        raise RuntimeError(f"setup never ended:\n{self.log.read_text()[-3000:]}")
 
     def wait_ready(self, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout

@@ -18,11 +18,11 @@ Every request is recorded in `server.requests` so tests can count downloads and 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
 import re
+import sys
 import tarfile
 import threading
 import time
@@ -79,6 +79,7 @@ class FakeState:
     hub_cdn: str | None = None  # base URL LFS files redirect to (another origin); None: serve directly
     ranges: bool = True
     chunk_delay: float = 0.0  # seconds to sleep between 64 KiB chunks (a slow server)
+    sent: int = 0  # body bytes written to clients so far (a download that stopped stops this count)
     requests: list[Recorded] = field(default_factory=list)
 
 
@@ -93,6 +94,14 @@ def tar_of(members: dict[str, bytes], gz: bool = False) -> bytes:
     return buf.getvalue()
 
 
+class _QuietServer(ThreadingHTTPServer):
+    """A client that hangs up mid-answer (a cancelled download, a soak client giving up) is no error to print."""
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)  # type: ignore[arg-type]
+
+
 class FakeServer:
     """A threaded HTTP server on 127.0.0.1 (a context manager); `url` is its base URL."""
 
@@ -103,7 +112,7 @@ class FakeServer:
         class Handler(_Handler):
             fake = state
 
-        self._httpd = ThreadingHTTPServer((host, 0), Handler)
+        self._httpd = _QuietServer((host, 0), Handler)
         self._httpd.daemon_threads = True
         self.url = f"http://{host}:{self._httpd.server_address[1]}"
         # Another spelling of the same origin, for tests of cross-host redirects.
@@ -242,8 +251,7 @@ class _Handler(BaseHTTPRequestHandler):
                 fault.times -= 1
             if self._apply_fault(fault, path, head):
                 return
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            self._route(path, head)
+        self._route(path, head)
 
     def _apply_fault(self, fault: Fault, path: str, head: bool) -> bool:
         """Misbehave; True when the response is complete."""
@@ -301,6 +309,7 @@ class _Handler(BaseHTTPRequestHandler):
             if self.fake.chunk_delay:
                 time.sleep(self.fake.chunk_delay)
             self.wfile.write(view[offset : offset + step])
+            self.fake.sent += len(view[offset : offset + step])
 
     # --- routes --------------------------------------------------------------------------------------
 

@@ -228,8 +228,8 @@ def test_hub_gated_private_and_missing(server, env, monkeypatch):
         cache.fetch("huggingface.co/acme/gated/lora.safetensors")
     with pytest.raises(WeightsNotFound, match="HF_TOKEN"):
         cache.fetch("huggingface.co/acme/missing")
+    server.add_hub_repo("acme/open", {"lora.safetensors": lora})
     with pytest.raises(WeightsNotFound, match="nope.safetensors"):
-        server.add_hub_repo("acme/open", {"lora.safetensors": lora})
         cache.fetch("huggingface.co/acme/open/nope.safetensors")
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
     assert cache.fetch("huggingface.co/acme/gated/lora.safetensors").read_bytes() == lora
@@ -350,14 +350,15 @@ def test_timeouts_are_reported(server, env):
 
 def test_too_large(server, env):
     url = server.add_file("/big.safetensors", peft_lora(pad=100_000))
+    small, larger = make_cache(env, max_bytes=50_000), make_cache(env, max_bytes=110_000)
     with pytest.raises(WeightsTooLarge, match="limit"):
-        make_cache(env, max_bytes=50_000).fetch(url)
+        small.fetch(url)
     server.state.ranges = False  # no total known up front: the stream is cut at the cap
     with pytest.raises(WeightsTooLarge, match="limit"):
-        make_cache(env, max_bytes=50_000).fetch(url)
+        small.fetch(url)
     tarred = server.add_file("/big.tar", tar_of({"a.safetensors": peft_lora(pad=100_000)}))
     with pytest.raises(WeightsTooLarge):
-        make_cache(env, max_bytes=110_000).fetch(tarred)
+        larger.fetch(tarred)
 
 
 def test_tar_members_cannot_escape(server, cache, tmp_path):
@@ -374,7 +375,9 @@ def test_tar_members_cannot_escape(server, cache, tmp_path):
     url = server.add_file("/evil.tar", buf.getvalue())
     with pytest.raises(WeightsNotFound, match="no .safetensors"):
         cache.fetch(url)
-    assert not (tmp_path / "evil.safetensors").exists()
+    # Where the members point (above the staging folder, an absolute path) nothing was written.
+    assert not list(cache.root.parent.rglob("evil.safetensors")) and not Path("/abs/evil.safetensors").exists()
+    assert_nothing_left(cache)
 
 
 # --- downloads: ranges, network safety -------------------------------------------------------------------
@@ -394,13 +397,14 @@ def test_parallel_ranged_and_single_stream_give_the_same_bytes(server, env, rang
 
 def test_private_addresses_refused_by_default(server, env, monkeypatch):
     url = server.add_file("/lora.safetensors", peft_lora())
+    cache = make_cache(env, allow_private=False)
     with pytest.raises(BlockedUrlError, match="FLUX_LORA_ALLOW_PRIVATE_URLS"):
-        make_cache(env, allow_private=False).fetch(url)
+        cache.fetch(url)
     # A host allowed explicitly (host:port) that redirects to loopback: refused at the redirect.
-    allowed = frozenset({server.url.removeprefix("http://")})
+    allowed = make_cache(env, allow_private=False, allow_hosts=frozenset({server.url.removeprefix("http://")}))
     server.add_redirect("/hop.safetensors", server.alt_url + "/lora.safetensors")
     with pytest.raises(BlockedUrlError, match="localhost"):
-        make_cache(env, allow_private=False, allow_hosts=allowed).fetch(server.url + "/hop.safetensors")
+        allowed.fetch(server.url + "/hop.safetensors")
     assert server.count("GET", "/lora.safetensors") == 0
 
 
@@ -590,8 +594,9 @@ def _dead_url() -> str:
 def test_an_unreachable_hub_is_a_user_error_not_a_missing_file(env, monkeypatch, ref):
     monkeypatch.setenv("HF_ENDPOINT", _dead_url())
     monkeypatch.setattr("huggingface_hub.utils._http.time.sleep", lambda s: None)  # its own retries, at once
+    cache = make_cache(env)
     with pytest.raises(WeightsError, match="cannot reach the Hub") as info:
-        make_cache(env).fetch(ref)
+        cache.fetch(ref)
     assert not isinstance(info.value, WeightsNotFound)
 
 
@@ -710,6 +715,26 @@ def test_an_unversioned_hub_reference_follows_the_branch_head(server, env, monke
     with caplog.at_level("WARNING"):
         assert cache.fetch(ref).read_bytes() == v2
     assert "cannot reach the Hub" in caplog.text and "cached earlier" in caplog.text
+
+
+def test_a_file_first_cached_by_its_commit_serves_its_branch_offline(server, env, monkeypatch):
+    """Cached by its commit sha, then asked for by branch: one model-info request for the whole recheck
+    interval, and the cached copy while the Hub is unreachable (whichever spelling brought the file in)."""
+    lora = peft_lora(31)
+    repo = server.add_hub_repo("acme/pinned", {"lora.safetensors": lora})
+    cache = WeightCache(env / "cache", DownloadPolicy(allow_private=True, retries=0), 1 << 30, 0, recheck_seconds=60)
+    by_commit = f"huggingface.co/acme/pinned/resolve/{repo.sha}/lora.safetensors"
+    by_branch = "huggingface.co/acme/pinned/lora.safetensors"
+    assert cache.fetch(by_commit).read_bytes() == lora
+    for _ in range(3):
+        assert cache.fetch(by_branch).read_bytes() == lora
+    assert server.count("GET", "/api/models/acme/pinned") == 1  # pinned once, then the interval holds
+    assert server.count("GET", "/acme/pinned/resolve/") == 1  # one download in all
+    cache.recheck_seconds = 0  # the interval is over, and the Hub is gone
+    monkeypatch.setenv("HF_ENDPOINT", _dead_url())
+    monkeypatch.setattr("huggingface_hub.utils._http.time.sleep", lambda s: None)
+    for ref in (by_branch, by_commit):
+        assert cache.fetch(ref).read_bytes() == lora
 
 
 def test_stale_partial_downloads_are_cleaned_when_the_cache_opens(env):

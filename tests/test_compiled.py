@@ -13,12 +13,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import lora_samples as S
 import numpy as np
 import pytest
 import torch
+from conftest import isolate_compile_cache_env
 from fakes import FakeServer
 from PIL import Image
 
@@ -93,8 +95,10 @@ def run(service: Service, **inputs) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def compiled(settings: Settings) -> Service:
-    return Service(HOTSWAP, settings, None)
+def compiled(settings: Settings) -> Iterator[Service]:
+    with pytest.MonkeyPatch.context() as monkeypatch:  # compiling points the compile caches at the store
+        isolate_compile_cache_env(monkeypatch)
+        yield Service(HOTSWAP, settings, None)
 
 
 LORAS = ["attn_r1", "mlp_r2", "single_r3", "all_r4", "all_r8_kohya", "img_only_r5", "txt_only_r6",

@@ -10,8 +10,10 @@ import re
 import shutil
 import socket
 import ssl
+import struct
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -99,8 +101,9 @@ def test_a_name_that_answers_differently_on_the_second_lookup_is_dialled_at_the_
         # The redirect target is another port: not the allowed host:port, so refused, unvisited.
         resolver.answers["rebind.test"] = ["127.0.0.1"]
         good.add_redirect("/hop", f"http://rebind.test:{port + 1}/lora.safetensors")
+        downloader = Downloader(policy)
         with pytest.raises(BlockedUrlError, match="non-public address"):
-            Downloader(policy).download(Target(f"http://rebind.test:{port}/hop", "lora"), tmp_path / "hop")
+            downloader.download(Target(f"http://rebind.test:{port}/hop", "lora"), tmp_path / "hop")
         assert evil_hits == []
     finally:
         evil.shutdown()
@@ -174,3 +177,29 @@ def test_download_progress_never_reads_as_denoising_progress(caplog: pytest.LogC
     messages = [r.getMessage() for r in caplog.records]
     assert any("%" in m for m in messages), messages
     assert not [m for m in messages if pattern.match(m)], messages
+
+
+def test_a_client_that_hangs_up_leaves_the_loopback_server_quiet(capfd: pytest.CaptureFixture[str]) -> None:
+    """scripts/soak.py serves its files with tests/fakes.py: a client that resets its connection (as one that
+    gives up does) is no error to print, whether mid-answer or with the answer read, between two requests."""
+    def serving() -> int:  # threads answering a connection, this server's or a stalled one's of another test
+        return sum("process_request_thread" in t.name for t in threading.enumerate())
+
+    before = serving()
+    with FakeServer() as fake:
+        port = int(fake.url.rsplit(":", 1)[1])
+        fake.add_file("/small.bin", b"x" * 1000)
+        fake.add_file("/big.bin", b"x" * (4 << 20))
+        for path, read in (("/small.bin", 1000), ("/big.bin", 0)):
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(f"GET {path} HTTP/1.1\r\nHost: loopback\r\n\r\n".encode())
+                answer = b""
+                while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < read:
+                    answer += sock.recv(65536)
+                fake.state.chunk_delay = 0.01  # the big file is still going out when the client goes
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
+        deadline = time.monotonic() + 10
+        while serving() > before:  # until the server has noticed both resets
+            assert time.monotonic() < deadline, "the server never noticed the resets"
+            time.sleep(0.02)
+    assert "Traceback" not in capfd.readouterr().err

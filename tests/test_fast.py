@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import isolate_compile_cache_env
 from PIL import Image
 
 from flux_lora.generation import fast
@@ -112,8 +113,9 @@ def test_running_out_of_memory_while_quantizing_fails_setup(monkeypatch: pytest.
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 72.00 MiB")
 
     monkeypatch.setattr(torchao.quantization, "quantize_", out_of_memory)
+    transformer = tiny_transformer(True)
     with pytest.raises(RuntimeError, match="fp8-weight-only quantization failed: CUDA out of memory"):
-        fast.quantize_transformer(tiny_transformer(True), Fp8Mode.WEIGHT_ONLY)
+        fast.quantize_transformer(transformer, Fp8Mode.WEIGHT_ONLY)
 
 
 # ----------------------------------------------------------------------------- the fast pipelines
@@ -276,8 +278,7 @@ def test_compile_setting(monkeypatch: pytest.MonkeyPatch, value: str | None, exp
 
 
 def test_compile_cache_lives_under_the_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
-        monkeypatch.delenv(name, raising=False)
+    isolate_compile_cache_env(monkeypatch)
     root = fast.configure_compile_cache(tmp_path)
     assert Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]).is_relative_to(tmp_path / fast.FAST_DIR)
     assert Path(os.environ["TRITON_CACHE_DIR"]).is_relative_to(root)
@@ -286,6 +287,7 @@ def test_compile_cache_lives_under_the_store(tmp_path: Path, monkeypatch: pytest
 def test_compile_cache_replaces_the_default_inductor_set_at_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from torch._inductor.runtime.cache_dir_utils import cache_dir, default_cache_dir
 
+    isolate_compile_cache_env(monkeypatch)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what importing diffusers leaves
     fast.configure_compile_cache(tmp_path)
     assert Path(cache_dir()).is_relative_to(tmp_path / fast.FAST_DIR)  # where inductor itself now writes

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import logging
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from conftest import CogServer, decode_output, server_env
 from PIL import Image
 
 from flux_lora.errors import UserError
@@ -59,18 +63,24 @@ def load(store: Path) -> tuple[SafetyChecker, Spy, Spy]:
     return checker, Spy(checker.sd, "clip_input"), Spy(checker.falcon, "pixel_values")
 
 
-def flag_only(checker: SafetyChecker, images: list[Image.Image], targets: list[int]) -> None:
-    """Rig the SD checker to flag exactly `targets`: their embeddings become concepts, matched at 0.95."""
+def flag_only(checker: SafetyChecker, images: list[Image.Image], targets: list[int], at: float | None = 0.95) -> None:
+    """Rig the SD checker to flag exactly `targets`: their embeddings become concepts, matched at `at` (None:
+    halfway between a perfect match and the closest other image, for images tiny CLIP sees as alike)."""
     with torch.no_grad():
         pixels = checker._pixels(checker.sd_processor, images)
         embeds = checker.sd.visual_projection(checker.sd.vision_model(pixels)[1])
         normed = torch.nn.functional.normalize(embeds)
         others = [i for i in range(len(images)) if i not in targets]
-        assert (normed[targets] @ normed[others].T).max() < 0.93, "tiny CLIP cannot tell the images apart"
+        closest = float((normed[targets] @ normed[others].T).max())
+        if at is None:
+            at = (1 + closest) / 2
+            assert closest < 0.999, "tiny CLIP sees the images as one"
+        else:
+            assert closest < at - 0.02, "tiny CLIP cannot tell the images apart"
         checker.sd.concept_embeds_weights.fill_(2.0)
         for concept, target in enumerate(targets):
             checker.sd.concept_embeds[concept] = embeds[target]
-            checker.sd.concept_embeds_weights[concept] = 0.95
+            checker.sd.concept_embeds_weights[concept] = at
 
 
 def test_tiny_store_layout_and_labels(stores: dict) -> None:
@@ -183,3 +193,49 @@ def test_half_precision_load_gives_the_same_verdicts(stores: dict, images: list)
     assert checker.sd.dtype == torch.float16 and checker.falcon.dtype == torch.float16
     assert checker.sd_flags(images) == [True] * 4
     assert checker.falcon_unsafe(images[:2]) == [True, True]
+
+
+# --- through the real server ----------------------------------------------------------------------------------
+
+REQUEST = {"prompt": "x", "seed": 8, "num_inference_steps": 2, "aspect_ratio": "custom", "width": 256,
+           "height": 256, "output_format": "png"}
+
+
+@pytest.fixture(scope="module")
+def rigged_server(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CogServer]:
+    """The hot-swap server on a copy of the tiny store whose SD checker flags the first image of REQUEST's batch
+    of two (its embedding made a concept), and only that one; Falcon confirms whatever it is shown."""
+    from flux_lora.generation.inputs import prepare_inputs
+    from flux_lora.generation.pipelines import generate, load_pipelines
+    from flux_lora.request import build_request
+
+    workdir = tmp_path_factory.mktemp("rigged")
+    store = shutil.copytree(tiny_store, workdir / "store")
+    make_tiny_checkers(store, flag="never", falcon="nsfw")
+    request = build_request(**{**REQUEST, "num_outputs": 2})
+    images = generate(load_pipelines(store, CPU, torch.float32), request, prepare_inputs(request))
+    checker = SafetyChecker.load(store, CPU, torch.float32)
+    flag_only(checker, images, [0], at=None)  # the two images lie close for tiny CLIP
+    checker.sd.save_pretrained(store / SD_CHECKER_DIR)
+    server = CogServer("hotswap", workdir, server_env(store, workdir))
+    yield server
+    server.stop()
+
+
+def test_flagged_images_are_dropped_and_all_flagged_fails_through_the_server(rigged_server: CogServer) -> None:
+    def predict(**inputs: object) -> dict:
+        response = rigged_server.predict(**REQUEST, **inputs)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    unchecked = predict(num_outputs=2, disable_safety_checker=True)
+    assert unchecked["status"] == "succeeded" and len(unchecked["output"]) == 2
+    checked = predict(num_outputs=2)
+    assert checked["status"] == "succeeded", checked.get("error")
+    assert len(checked["output"]) == 1, "one image of two dropped"
+    kept = np.asarray(decode_output(checked["output"][0]))
+    assert np.array_equal(kept, np.asarray(decode_output(unchecked["output"][1]))), "the other one kept"
+    assert "dropped NSFW image(s) at index [0] of 2" in checked["logs"]
+    alone = predict(num_outputs=1)  # the same seed's first image, alone: every image flagged
+    assert alone["status"] == "failed" and NSFW_MESSAGE in alone["error"], alone
+    assert "Traceback" not in alone["error"]

@@ -122,6 +122,17 @@ def test_a_missing_image_is_named_and_the_server_keeps_serving(server: CogServer
     assert body["status"] == "succeeded", body.get("error")
 
 
+@pytest.mark.parametrize("field", ["image", "mask"])
+@pytest.mark.parametrize(
+    ("uri", "what"),
+    [("data:image/png;base64,iVBORw0KG", "is not valid base64"), ("data:image/png;base64", "has no ','")],
+)
+def test_a_malformed_data_uri_is_named_in_one_line(server: CogServer, field: str, uri: str, what: str) -> None:
+    inputs = {"image": uri} if field == "image" else {"image": data_uri(Image.new("RGB", (64, 64))), "mask": uri}
+    error = _error(server.predict(prompt="x", **inputs, **FAST))
+    assert re.search(rf"\b{field}: the data: URI {what}", error), error
+    assert "\n" not in error and "Input validation error" not in error, error
+
 
 def test_local_paths_are_not_read(server: CogServer, tmp_path: Path) -> None:
     """cog hands a value that is not a URL to run() as it came: the server must not open its own files."""

@@ -19,6 +19,7 @@ from xml.sax.saxutils import escape
 from PIL import ExifTags, Image
 from PIL.PngImagePlugin import PngInfo
 
+from flux_lora import cancel
 from flux_lora.errors import shorten
 from flux_lora.weights.refs import shown
 
@@ -124,16 +125,21 @@ def save_images(images: list[Image.Image], output_format: str, quality: int, par
         parent.mkdir(parents=True, exist_ok=True)
     out_dir = Path(tempfile.mkdtemp(prefix=PREFIX, dir=parent))
     paths = []
-    for i, image in enumerate(images):
-        path = out_dir / f"out-{i}.{output_format}"
-        options: dict[str, object] = {}
-        if output_format in ("webp", "jpg"):
-            options = {"quality": quality, "optimize": True}
-        text = image.info.get(PARAMETERS)
-        if text is not None:
-            options.update(_metadata_options(output_format, str(text)))
-        image.convert("RGB").save(path, format=_PIL_FORMAT[output_format], **options)
-        paths.append(path)
+    try:
+        for i, image in enumerate(images):
+            cancel.check()
+            path = out_dir / f"out-{i}.{output_format}"
+            options: dict[str, object] = {}
+            if output_format in ("webp", "jpg"):
+                options = {"quality": quality, "optimize": True}
+            text = image.info.get(PARAMETERS)
+            if text is not None:
+                options.update(_metadata_options(output_format, str(text)))
+            image.convert("RGB").save(path, format=_PIL_FORMAT[output_format], **options)
+            paths.append(path)
+    except cancel.Cancelled:
+        shutil.rmtree(out_dir, ignore_errors=True)  # a cancelled prediction leaves no half batch behind
+        raise
     return paths
 
 

@@ -23,6 +23,7 @@ from diffusers import (
 )
 from PIL import Image
 
+from flux_lora import cancel
 from flux_lora.generation.inputs import Conditioning
 from flux_lora.request import Mode, PipelineKey, Request
 from flux_lora.weights.store import DEV_DIR, SCHNELL_DIR
@@ -286,6 +287,12 @@ def compile_fast_pipelines(
     return seconds
 
 
+def _stop_if_cancelled(pipe: object, step: int, timestep: object, tensors: dict) -> dict:
+    """diffusers' per-step callback: where the denoising stage checks the prediction's cancel, between steps."""
+    cancel.check()
+    return tensors
+
+
 def generate(pipelines: Pipelines, request: Request, cond: Conditioning, **extra: object) -> list[Image.Image]:
     """Run one batch of `num_outputs` images; the CPU generator makes seeds portable across runs."""
     pipe = pipelines.get(request.key, request.mode)
@@ -301,6 +308,8 @@ def generate(pipelines: Pipelines, request: Request, cond: Conditioning, **extra
         output_type="pil",
     )
     kwargs.update(extra)
+    cancel.check()  # cancelled on the way here: not one step
+    kwargs.setdefault("callback_on_step_end", _stop_if_cancelled)
     if request.mode is not Mode.TXT2IMG:
         kwargs.update(image=cond.image, strength=request.prompt_strength)
     if request.mode is Mode.INPAINT:

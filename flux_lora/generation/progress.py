@@ -5,9 +5,8 @@ splits the logs on newlines (replicate-javascript's `parseProgressFromLogs`) rea
 same tqdm bar writes to `StepLog`, which turns every redraw into one newline-terminated line:
 ` 50%|█████     | 14/28 [00:01<00:01, 11.2it/s]`.
 
-The bar advances once per denoising step, the only per-step hook the pipelines offer without
-changing their call; so it is also where a cancelled prediction stops: between two steps, never in
-the middle of a LoRA swap or a cache write.
+The bar advances once per denoising step; a cancelled prediction stops between two steps through
+diffusers' own per-step callback (`flux_lora.generation.pipelines.generate`), not here.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ from __future__ import annotations
 import io
 import re
 import sys
-import threading
 from typing import TYPE_CHECKING, Any, TextIO
 
 from tqdm import tqdm
@@ -32,7 +30,6 @@ class StepLog(io.TextIOBase):
     def __init__(self, out: TextIO | None = None) -> None:
         self._out = out  # None: sys.stderr at write time (cog swaps in its per-prediction writer)
         self._last = ""
-        self.cancel: threading.Event | None = None  # the running prediction's; set by predict.py
 
     def writable(self) -> bool:
         return True
@@ -50,27 +47,13 @@ class StepLog(io.TextIOBase):
     def new_bar(self) -> None:
         self._last = ""  # a new bar's first line is never a repeat
 
-    def stop_if_cancelled(self) -> None:
-        if self.cancel is not None and self.cancel.is_set():
-            self.cancel = None
-            from cog import CancelationException  # BaseException: no `except Exception` swallows it
-
-            raise CancelationException("prediction cancelled")
-
 
 class StepBar(tqdm):
-    """diffusers' denoising bar; after each step (outside tqdm's lock) a cancelled prediction stops."""
+    """diffusers' denoising bar, drawn as one log line per step."""
 
     def __init__(self, *args: Any, steps: StepLog, **kwargs: Any) -> None:
-        steps.stop_if_cancelled()  # cancelled while fetching LoRAs: stop before the first step
-        self.steps = steps
         steps.new_bar()
         super().__init__(*args, file=steps, **kwargs)
-
-    def update(self, n: float | None = 1) -> bool | None:
-        shown = super().update(n)
-        self.steps.stop_if_cancelled()
-        return shown
 
 
 def log_progress(pipelines: Pipelines) -> StepLog:
@@ -78,7 +61,7 @@ def log_progress(pipelines: Pipelines) -> StepLog:
     steps = StepLog()
 
     def progress_bar(iterable: Any = None, total: int | None = None) -> StepBar:
-        # What DiffusionPipeline.progress_bar does, with our bar: a line (and a cancel check) per step.
+        # What DiffusionPipeline.progress_bar does, with our bar: a line per step.
         return StepBar(iterable, total=total, steps=steps, ascii=False, mininterval=0, miniters=1)
 
     for source in (pipelines, pipelines.fast):

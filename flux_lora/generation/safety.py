@@ -27,6 +27,7 @@ from transformers import (
 )
 from transformers.image_processing_utils import BaseImageProcessor
 
+from flux_lora import cancel
 from flux_lora.errors import UserError
 from flux_lora.weights.store import FALCON_DIR
 from flux_lora.weights.store import SAFETY_CHECKER_DIR as SD_CHECKER_DIR
@@ -79,7 +80,9 @@ class SafetyChecker:
         """Indices of the images to keep, in order; raises NSFWError when none is left."""
         if not images:
             return []
+        cancel.check()
         flagged = [i for i, bad in enumerate(self.sd_flags(images)) if bad]
+        cancel.check()
         dropped = [i for i, bad in zip(flagged, self.falcon_unsafe([images[i] for i in flagged]), strict=True)
                    if bad]
         if flagged:

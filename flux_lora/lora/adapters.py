@@ -28,6 +28,7 @@ from pathlib import Path
 
 from torch import nn
 
+from flux_lora import cancel
 from flux_lora.errors import LoraError
 from flux_lora.lora.formats import ConvertedLora, ModelNames, convert_lora, read_lora
 from flux_lora.lora.packed import PackedLoraLinear, Piece, adapters_bypassed, wrap_linears
@@ -222,6 +223,7 @@ class LoraManager:
             ]
             entries = [e for e in entries if e.pairs]
             plans.append((model, self._plan(model, entries, key)))
+        cancel.check()  # read, converted and checked, nothing written yet: the last safe point to stop
         loaded = sum(self._write(model, entries, plan) for model, (entries, plan) in plans)
         log.info(
             "LoRA %s on %s in %.3fs%s",

@@ -2,7 +2,7 @@
 
 Layout of the cache directory (shared by every process and thread that uses it):
 
-    index.json            {cache_key: {ref, file, size, created, last_used}}: the LRU index, on disk
+    index.json            {cache_key: {ref, file, size, created, last_used, aliases}}: the LRU index, on disk
     index.lock            guards index.json (a file lock: processes and threads alike)
     files/<hash>.safetensors   verified LoRA files, one per cache key
     locks/<hash>.lock     one per cache key: held while that key downloads, so it downloads once
@@ -34,6 +34,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from flux_lora import cancel
 from flux_lora.lora import triggers
 from flux_lora.errors import LocalFileRefused, WeightsError, WeightsUnreachable
 from flux_lora.weights.http import Downloader, DownloadPolicy
@@ -59,6 +60,15 @@ class CacheEntry:
     size: int
     created: float
     last_used: float
+
+
+def _aliases(value: dict) -> dict[str, float]:
+    """An index entry's unversioned keys and when each was last pinned to it (an index written before entries
+    could have several kept one, as `alias` and `checked`)."""
+    aliases = dict(value.get("aliases", {}))
+    if "alias" in value:
+        aliases.setdefault(value["alias"], value.get("checked", 0))
+    return aliases
 
 
 class WeightCache:
@@ -98,6 +108,7 @@ class WeightCache:
         Local paths and file:// URLs are read only with `allow_local` (COG_WEIGHTS, the command line) or
         when under a FLUX_LORA_LOCAL_LORA_DIRS folder: a request must not make the server read its disk.
         """
+        cancel.check()  # a prediction cancelled between its LoRAs fetches no more
         source = parse_ref(ref)
         kind = provider(source)
         if kind.reads_disk and not allow_local:
@@ -121,11 +132,11 @@ class WeightCache:
         source = pinned
         key = kind.key(source)
         digest = hashlib.sha256(key.encode()).hexdigest()[:32]
-        hit = self._touch(key)
+        hit = self._touch(key, alias)
         if hit is not None:
             return hit
         with FileLock(self.root / "locks" / f"{digest}.lock"):
-            hit = self._touch(key)  # another process or thread may have finished it while we waited
+            hit = self._touch(key, alias)  # another process or thread may have finished it while we waited
             if hit is not None:
                 return hit
             for stale in (self.root / "tmp").glob(f"{digest}.*"):  # left by a crash: we hold the key's lock
@@ -160,16 +171,15 @@ class WeightCache:
         with self._index_lock:
             index = self._read_index()
         now = time.time()
-        fresh = [
-            k for k, v in index.items() if v.get("alias") == alias and now - v.get("checked", 0) < self.recheck_seconds
-        ]
-        return self._touch(max(fresh, key=lambda k: index[k]["checked"])) if fresh else None
+        checks = {k: t for k, v in index.items() if (t := _aliases(v).get(alias)) is not None}
+        fresh = [k for k, t in checks.items() if now - t < self.recheck_seconds]
+        return self._touch(max(fresh, key=checks.__getitem__)) if fresh else None
 
     def _latest_for(self, alias: str) -> Path | None:
         """The newest cached file an unversioned reference was pinned to, for when its source is unreachable."""
         with self._index_lock:
             index = self._read_index()
-        keys = [k for k, v in index.items() if v.get("alias") == alias]
+        keys = [k for k, v in index.items() if alias in _aliases(v)]
         return self._touch(max(keys, key=lambda k: index[k]["created"])) if keys else None
 
     def _check_local(self, source: LocalFile) -> None:
@@ -247,8 +257,9 @@ class WeightCache:
         return CacheEntry(key, value["ref"], self.root / "files" / value["file"], value["size"],
                           value["created"], value["last_used"])
 
-    def _touch(self, key: str) -> Path | None:
-        """The cached path of `key` after marking it used, or None (dropping an entry whose file is gone)."""
+    def _touch(self, key: str, alias: str | None = None) -> Path | None:
+        """The cached path of `key` after marking it used, or None (dropping an entry whose file is gone).
+        `alias`: the unversioned key just pinned to it, recorded as for a download (`_add`)."""
         with self._index_lock:
             index = self._read_index()
             value = index.get(key)
@@ -267,8 +278,7 @@ class WeightCache:
                 return None
             self._hold(path)  # under the index lock: no eviction is between its check and the hold
             value["last_used"] = time.time()
-            if key in self._checked:
-                value["checked"] = self._checked.pop(key)
+            self._link(value, key, alias)
             self._write_index(index)
             log.info("LoRA %s: cached at %s", value["ref"], path)
             return path
@@ -283,11 +293,21 @@ class WeightCache:
                           "last_used": now}
             if words:
                 index[key]["trigger_words"] = list(words)
-            if alias is not None:
-                index[key]["alias"] = alias
-                index[key]["checked"] = self._checked.pop(key, now)
+            self._link(index[key], key, alias)
             self._write_index(index)
             self._evict(index, keep=key)
+
+    def _link(self, value: dict, key: str, alias: str | None) -> None:
+        """Record in an index entry that the unversioned key `alias` was just pinned to it (and when), whichever
+        spelling brought the file in first: every alias it has serves it within the recheck interval and
+        while its source is unreachable."""
+        if alias is None:
+            return
+        aliases = _aliases(value)
+        aliases[alias] = self._checked.pop(key, time.time())
+        value.pop("alias", None)
+        value.pop("checked", None)
+        value["aliases"] = aliases
 
     # --- holds and eviction -----------------------------------------------------------------------------
 

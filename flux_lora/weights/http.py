@@ -11,10 +11,14 @@
   with urllib3's `Retry` backoff (and a bounded Retry-After), resuming where the data stopped; a byte
   cap bounds every download.
 - Progress: `flux_lora.weights.download_progress` (a tqdm bar on a terminal, log lines otherwise).
+- A cancelled prediction (`flux_lora.cancel`) stops its download at once: each read returns what has
+  arrived, a cancel shuts the socket under a read that waits on a stalled server, and a retry's wait
+  ends with the cancel; the caller's `finally` removes the partial file.
 """
 
 from __future__ import annotations
 
+import contextvars
 import ipaddress
 import logging
 import os
@@ -29,10 +33,10 @@ from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urljoin, urlsplit
 
 import requests
-from urllib3.exceptions import MaxRetryError
+from urllib3.exceptions import HTTPError, MaxRetryError
 from urllib3.util.retry import Retry
 
-from flux_lora.weights.download_progress import Progress
+from flux_lora import cancel
 from flux_lora.errors import (
     BlockedUrlError,
     NotALoraError,
@@ -43,6 +47,7 @@ from flux_lora.errors import (
     WeightsUnreachable,
     plain_reason,
 )
+from flux_lora.weights.download_progress import Progress
 from flux_lora.weights.pinned import PinnedAdapter, host_port, pinned
 from flux_lora.weights.refs import redact_url
 
@@ -224,7 +229,9 @@ class Downloader:
         """
         retry = Retry(total=self.policy.retries, backoff_factor=self.policy.backoff, backoff_max=8.0,
                       retry_after_max=30)
+        token = cancel.current()
         while True:
+            token.check()
             try:
                 return attempt()
             except _Transient as exc:
@@ -234,7 +241,9 @@ class Downloader:
                     attempts = self.policy.retries + 1
                     raise type(exc.final)(f"{exc.final} (after {attempts} attempts)") from None
                 log.info("%s: %s; retrying", target.what, exc.final)
-                retry.sleep(exc.response.raw if exc.response is not None else None)
+                # Retry.sleep's wait (a server's Retry-After, else the backoff), cut short by a cancel.
+                after = retry.get_retry_after(exc.response.raw) if exc.response is not None else None
+                token.sleep(after if after is not None else retry.get_backoff_time())
 
     def get_json(self, target: Target) -> object:
         """A small JSON document (an API answer)."""
@@ -314,23 +323,32 @@ class Downloader:
 
     def _stream_into(self, response: requests.Response, fd: int, offset: int, limit: int | None,
                      target: Target, progress: Progress) -> int:
-        """Copy a response body to `fd` at `offset`; return the bytes written (stops at `limit`)."""
+        """Copy a response body to `fd` at `offset`; return the bytes written (stops at `limit`).
+
+        Each read returns what has arrived (up to CHUNK), so a slow source is checked for a cancel often;
+        a cancel shuts the socket (urllib3's `shutdown`), which wakes a read waiting on a stalled one.
+        """
         written = 0
+        token = cancel.current()
         try:
-            for chunk in response.iter_content(CHUNK):
-                if limit is not None and written + len(chunk) > limit:
-                    chunk = chunk[: limit - written]
-                os.pwrite(fd, chunk, offset + written)
-                written += len(chunk)
-                progress.add(len(chunk))
-                if offset + written > self.policy.max_bytes:
-                    raise WeightsTooLarge(
-                        f"{target.what} is over the {self.policy.max_bytes}-byte limit "
-                        "(FLUX_LORA_MAX_DOWNLOAD_BYTES)"
-                    )
-                if limit is not None and written >= limit:
-                    break
-        except requests.RequestException as exc:
+            with token.on_cancel(response.raw.shutdown):
+                while chunk := response.raw.read1(CHUNK, decode_content=True):
+                    token.check()
+                    if limit is not None and written + len(chunk) > limit:
+                        chunk = chunk[: limit - written]
+                    os.pwrite(fd, chunk, offset + written)
+                    written += len(chunk)
+                    progress.add(len(chunk))
+                    if offset + written > self.policy.max_bytes:
+                        raise WeightsTooLarge(
+                            f"{target.what} is over the {self.policy.max_bytes}-byte limit "
+                            "(FLUX_LORA_MAX_DOWNLOAD_BYTES)"
+                        )
+                    if limit is not None and written >= limit:
+                        break
+                token.check()  # the body ended, or a cancel shut the socket under the read
+        except (requests.RequestException, HTTPError) as exc:
+            token.check()  # the read broke because a cancel shut its socket
             reason = plain_reason(exc)
             raise _Transient(WeightsError(f"{target.what}: the download broke off ({reason})")) from None
         finally:
@@ -414,7 +432,8 @@ class Downloader:
 
         try:
             with ThreadPoolExecutor(max_workers=len(bounds), thread_name_prefix="flux-lora-dl") as pool:
-                futures = [pool.submit(fetch, start, end) for start, end in bounds]
+                # Each part runs in the caller's context: the prediction's cancel token reaches it.
+                futures = [pool.submit(contextvars.copy_context().run, fetch, start, end) for start, end in bounds]
                 for future in futures:
                     future.result()
         finally:

@@ -9,11 +9,13 @@ The endpoint and token come from `Settings` at each call (HF_ENDPOINT, HF_TOKEN)
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+from flux_lora import cancel
 from flux_lora.errors import (
     WeightsAuthError,
     WeightsError,
@@ -139,6 +141,20 @@ def repo_sha(repo: str, revision: str | None, what: str, filename: str | None) -
         _raise(exc, what, revision, filename, token)
 
 
+@functools.cache
+def _cancellable_bar() -> type:
+    """huggingface_hub's own progress bar, which also stops a cancelled prediction's download: the library
+    updates it after each chunk it writes (`flux_lora.cancel`)."""
+    from huggingface_hub.utils import tqdm as hub_tqdm
+
+    class CancellableBar(hub_tqdm):
+        def update(self, n: float | None = 1) -> bool | None:
+            cancel.check()
+            return super().update(n)
+
+    return CancellableBar
+
+
 def download_lora(repo: str, revision: str | None, filename: str | None, staged: Path, max_bytes: int,
                   what: str) -> Path:
     """Download through huggingface_hub (HF_ENDPOINT, HF_TOKEN), choosing the file if not named."""
@@ -167,7 +183,7 @@ def download_lora(repo: str, revision: str | None, filename: str | None, staged:
                 f"{what}: {filename} is {size} bytes, over the {max_bytes}-byte limit (FLUX_LORA_MAX_DOWNLOAD_BYTES)"
             )
         return Path(hf_hub_download(repo, filename, revision=revision, local_dir=staged / "hub", endpoint=endpoint,
-                                    token=token))
+                                    token=token, tqdm_class=_cancellable_bar()))
     except Exception as exc:
         _raise(exc, what, revision, filename, token)
 

@@ -7,11 +7,13 @@ query string in clear (signed URLs carry credentials), only its hash.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qs, unquote, unquote_to_bytes, urlsplit, urlunsplit
 
 from flux_lora.errors import UserError
 
@@ -147,6 +149,21 @@ class DataUri:
     @property
     def cache_key(self) -> str:
         return "data:sha256:" + hashlib.sha256(self.uri.encode()).hexdigest()
+
+
+def data_uri_bytes(uri: str) -> bytes:
+    """The payload of a `data:[<type>][;base64],<data>` URI, decoded as urllib (and so cog) decodes one; a
+    ValueError says in words what is wrong with it."""
+    header, sep, data = uri.partition(":")[2].partition(",")
+    if not sep:
+        raise ValueError("the data: URI has no ',' before its payload")
+    payload = unquote_to_bytes(data)
+    if not header.endswith(";base64"):
+        return payload
+    try:
+        return base64.decodebytes(payload)
+    except binascii.Error:
+        raise ValueError("the data: URI is not valid base64 (cut short or mis-copied?)") from None
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,10 @@ index, locks, staging, verification. Adding a source is a `refs.py` form plus on
 
 from __future__ import annotations
 
-import base64
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from urllib.parse import unquote_to_bytes, urlsplit
+from urllib.parse import urlsplit
 
 from flux_lora.weights import hub, refs
 from flux_lora.errors import NotALoraError, WeightsNotFound, WeightsTooLarge
@@ -25,6 +24,7 @@ from flux_lora.weights.refs import (
     LocalFile,
     ReplicateRef,
     Source,
+    data_uri_bytes,
     redact_url,
 )
 from flux_lora.settings import Settings
@@ -178,15 +178,12 @@ class Data(Provider):
         return source.uri[:40] + ("..." if len(source.uri) > 40 else "")
 
     def produce(self, source: DataUri, fetch: Fetch, staged: Path) -> Path:
-        header, sep, data = source.uri.partition(",")
-        if not sep:
-            raise NotALoraError("the data: URI has no ',' before its payload")
-        if len(data) > fetch.max_bytes * 4 // 3 + 4:
+        if len(source.uri.partition(",")[2]) > fetch.max_bytes * 4 // 3 + 4:
             raise WeightsTooLarge(f"the data: URI is over the {fetch.max_bytes}-byte limit")
         try:
-            payload = base64.b64decode(data, validate=False) if header.endswith(";base64") else unquote_to_bytes(data)
-        except ValueError:
-            raise NotALoraError("the data: URI is not valid base64") from None
+            payload = data_uri_bytes(source.uri)
+        except ValueError as exc:
+            raise NotALoraError(str(exc)) from None
         dest = staged / "payload"
         dest.write_bytes(payload)
         return dest

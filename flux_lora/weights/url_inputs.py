@@ -8,7 +8,8 @@ a plain `requests.get` (redirects followed, any address) into a temporary file, 
 (`unlink`) after the prediction. A failure there reaches the user as "Input validation error: {exc}".
 
 Importing this module replaces `cog.types.Path.validate` for http(s) URLs (data: URIs stay with cog:
-no network). The value becomes a `GuardedURLPath`, whose `convert()` downloads through
+no network; a malformed one is refused first, its reason in words rather than cog's decoder's text).
+An http(s) value becomes a `GuardedURLPath`, whose `convert()` downloads through
 `flux_lora.weights.http.Downloader`: the LoRA rules (public addresses only unless FLUX_LORA_ALLOW_PRIVATE_URLS,
 checked before any connection and after each redirect; the connection dials the checked address; the
 size cap; retries). A refused or failed fetch does not raise inside coglet, where no field is known:
@@ -32,7 +33,7 @@ import cog.types
 
 from flux_lora.errors import UserError, for_cog
 from flux_lora.weights.http import Downloader, DownloadPolicy, Target
-from flux_lora.weights.refs import redact_url
+from flux_lora.weights.refs import data_uri_bytes, redact_url
 from flux_lora.request import InputError
 from flux_lora.settings import Settings
 
@@ -84,8 +85,14 @@ def fetch(url: str, filename: str = "") -> pathlib.Path:
 
 
 def _validate(cls: type, value: Any) -> pathlib.Path:
-    if isinstance(value, str) and urlsplit(value).scheme.lower() in ("http", "https"):
+    scheme = urlsplit(value).scheme.lower() if isinstance(value, str) else ""
+    if scheme in ("http", "https"):
         return GuardedURLPath(source=value, filename=cog.types.get_filename(value), fileobj=None)  # type: ignore[arg-type]
+    if scheme == "data":  # cog decodes it; a malformed one is refused here, in words, before cog's own text
+        try:
+            data_uri_bytes(value)
+        except ValueError as exc:
+            return _refused(str(exc))
     return _COG_VALIDATE(cls, value)
 
 
