@@ -138,29 +138,39 @@ class OneAtATime(BaseRunner):
         """Wait for the GPU (cancelling here ends the prediction unrun), then run in the GPU thread.
 
         A cancel during the run reaches every stage through the run's token (flux_lora.cancel): a download
-        stops and removes its partial file, denoising stops at its next step. The GPU is released only once
-        the run has stopped, so the next request never overlaps it.
+        stops and removes its partial file, denoising stops at its next step. The GPU lock belongs to the run,
+        not to this coroutine: a cancelled prediction returns at once, so cog frees its slot for the next
+        request, which waits for the lock until the run has stopped, and never overlaps it.
         """
         url_inputs.check_fetched(self.run, inputs)
         if self.gpu.locked():
             log.info("Waiting for the prediction ahead of this one to finish")
-        async with self.gpu:
-            token = cancel.Token()
-            run = functools.partial(self.service.predict, **inputs)
-            # The run's context: its token, and this prediction's id on its log lines (cog routes them by it).
-            ctx = cancel.context_with(token)
+        await self.gpu.acquire()
+        token = cancel.Token()
+        run = functools.partial(self.service.predict, **inputs)
+        # The run's context: its token, and this prediction's id on its log lines (cog routes them by it).
+        ctx = cancel.context_with(token)
+        try:
             work = asyncio.get_running_loop().run_in_executor(self.gpu_thread, ctx.run, run)
-            try:
-                paths = await asyncio.shield(work)
-            except UserError as exc:  # reaches the cog server named for its field, not its class
-                raise for_cog(exc) from None
-            except asyncio.CancelledError:
-                token.cancel()
-                await asyncio.wait({work})
-                if not work.cancelled():
-                    work.exception()  # its Cancelled is expected: mark it retrieved
-                raise
+        except BaseException:
+            self.gpu.release()
+            raise
+        work.add_done_callback(lambda _: self.gpu.release())
+        try:
+            paths = await asyncio.shield(work)
+        except UserError as exc:  # reaches the cog server named for its field, not its class
+            raise for_cog(exc) from None
+        except asyncio.CancelledError:
+            token.cancel()
+            work.add_done_callback(_retrieved)
+            raise
         return [Path(p) for p in paths]
+
+
+def _retrieved(work: asyncio.Future) -> None:
+    """A cancelled run's own ending (its Cancelled, or a result nobody waits for) is expected: mark it read."""
+    if not work.cancelled():
+        work.exception()
 
 
 class TrainedPredictor(OneAtATime):

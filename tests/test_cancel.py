@@ -139,3 +139,51 @@ def test_a_cancel_stops_the_stage_it_arrives_in(service: Service, lora_source: F
     monkeypatch.undo()
     paths = service.predict(**QUICK, disable_safety_checker=True)  # the service is whole: the next one runs
     assert [p.suffix for p in paths] == [".png"]
+
+
+def test_a_cancelled_prediction_frees_its_slot_at_once_and_the_next_waits_for_the_run_to_stop():
+    """The 409 after cancels (#20.3): cog frees a prediction's slot only when its `run` returns. A cancelled
+    prediction's `run` returns at once, while its run stops in the GPU thread; the next prediction waits for
+    the GPU until then, never overlapping it, and runs after it in order. The service here is one that
+    ignores its token until told to finish: a stage that stops late (a long step, the VAE)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flux_lora.serving.schema import load_predictor_class
+
+    release, order = threading.Event(), []
+
+    class SlowToStop:
+        def predict(self, **inputs):
+            order.append(f"start {inputs['prompt']}")
+            if inputs["prompt"] == "first":
+                release.wait(10)
+            order.append(f"end {inputs['prompt']}")
+            return []
+
+    predictor = load_predictor_class("hotswap")()
+    predictor.service, predictor.gpu = SlowToStop(), asyncio.Lock()
+    predictor.gpu_thread = ThreadPoolExecutor(1)
+
+    async def scenario() -> float:
+        first = asyncio.ensure_future(predictor.in_turn({"prompt": "first"}))
+        while not order:
+            await asyncio.sleep(0.01)
+        first.cancel()
+        start = time.monotonic()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        returned_in = time.monotonic() - start
+        second = asyncio.ensure_future(predictor.in_turn({"prompt": "second"}))
+        await asyncio.sleep(0.2)
+        assert order == ["start first"]  # the GPU is still the cancelled run's
+        release.set()
+        assert await second == []
+        return returned_in
+
+    try:
+        assert asyncio.run(scenario()) < 0.5
+    finally:
+        release.set()
+        predictor.gpu_thread.shutdown()
+    assert order == ["start first", "end first", "start second", "end second"]
