@@ -20,7 +20,7 @@ import yaml
 from conftest import ROOT, CogServer, data_uri
 from PIL import Image
 
-from flux_lora.generation.progress import StepBar, StepLog
+from flux_lora.generation.progress import StepLog, step_bar
 from flux_lora.serving.server import MAX_CONCURRENCY
 
 # Small and quick: 256x256, one step, no safety checker (about 0.1 s a prediction on the tiny store).
@@ -78,14 +78,42 @@ def _wait_for_log(server: CogServer, prediction_id: str, pattern: str, timeout: 
 
 def test_step_log_turns_tqdm_redraws_into_clean_lines() -> None:
     out = io.StringIO()
-    with StepBar(total=3, steps=StepLog(out), ascii=False, mininterval=0, miniters=1) as bar:
+    with step_bar(StepLog(out), total=3) as bar:  # what log_progress gives the pipelines
         for _ in range(3):
             bar.update()
     lines = out.getvalue().splitlines()
     assert out.getvalue().endswith("\n") and "\r" not in out.getvalue() and "\x1b" not in out.getvalue()
-    steps = [parse_progress_from_logs(line) for line in lines]
-    assert steps[:4] == [(0, 3), (1, 3), (2, 3), (3, 3)] and set(steps[4:]) <= {(3, 3)}  # close() redraws 3/3
+    assert [parse_progress_from_logs(line) for line in lines] == [(0, 3), (1, 3), (2, 3), (3, 3)]  # 100% once
     assert lines[2].startswith(" 67%|██████▋   | 2/3 [")
+
+
+# Library messages every start used to print, none of them actionable (flux_lora/__init__.py drops them).
+CHATTER = re.compile(r"Unable to import `torchao`|requires torchvision \(not installed\)|kept in float32: \[\]")
+
+
+def test_setup_logs_are_plain_lines_without_library_chatter(hotswap_server: CogServer) -> None:
+    logs = requests.get(f"{hotswap_server.url}/health-check", timeout=10).json()["setup"]["logs"]
+    assert "Setup finished in " in logs and "Loaded FLUX.1 dev and schnell" in logs
+    assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f]", logs), "no carriage returns or cursor moves (loading bars)"
+    assert not CHATTER.search(logs), CHATTER.search(logs)
+
+
+def test_only_the_known_chatter_is_dropped() -> None:
+    import logging.handlers
+
+    import flux_lora  # noqa: F401  (installs the filters)
+
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    handler = logging.handlers.BufferingHandler(capacity=10)
+    logger.addHandler(handler)
+    kept = "There are modules in AutoencoderKL that should be kept in float32: ['norm']. Casting ..."
+    try:
+        logger.warning("There are modules in AutoencoderKL that should be kept in float32: []. Casting ...")
+        logger.warning(kept)
+        logger.warning("Some other warning")
+    finally:
+        logger.removeHandler(handler)
+    assert [record.getMessage() for record in handler.buffer] == [kept, "Some other warning"]
 
 
 def test_cog_yaml_and_serve_use_the_same_number_of_slots() -> None:
@@ -179,7 +207,7 @@ def test_progress_reads_as_replicate_clients_read_it(
     assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f]", logs), "no carriage returns or control codes"
     assert parse_progress_from_logs(logs) == (ran, ran), logs  # the steps actually run, not num_inference_steps
     bars = [line for line in logs.splitlines() if REPLICATE_PROGRESS.match(line)]
-    assert [int(REPLICATE_PROGRESS.match(line)[2]) for line in bars][: ran + 1] == list(range(ran + 1))
+    assert [int(REPLICATE_PROGRESS.match(line)[2]) for line in bars] == list(range(ran + 1))  # each step once
 
 
 def _png_header(width: int, height: int) -> bytes:

@@ -12,6 +12,7 @@ the middle of a LoRA swap or a cache write.
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 import sys
@@ -41,7 +42,7 @@ class StepLog(io.TextIOBase):
         out = self._out or sys.stderr
         for part in re.split(r"[\r\n]", text):
             line = _CONTROL.sub("", part).rstrip()
-            if line and line != self._last:  # tqdm draws the final state again when it closes
+            if line and line != self._last:  # a redraw with nothing new (tqdm's refresh) is one line
                 out.write(line + "\n")
                 self._last = line
         out.flush()
@@ -73,18 +74,21 @@ class StepBar(tqdm):
         return shown
 
 
+def step_bar(steps: StepLog, iterable: Any = None, total: int | None = None) -> StepBar:
+    """What DiffusionPipeline.progress_bar does, with our bar: a line (and a cancel check) per step.
+
+    leave=False: closing clears the bar (an empty line, dropped) instead of drawing 100% a second time."""
+    return StepBar(iterable, total=total, steps=steps, ascii=False, mininterval=0, miniters=1, leave=False)
+
+
 def log_progress(pipelines: Pipelines) -> StepLog:
     """Every entry point (plain and go_fast) draws its steps as StepBar lines into one StepLog."""
     steps = StepLog()
-
-    def progress_bar(iterable: Any = None, total: int | None = None) -> StepBar:
-        # What DiffusionPipeline.progress_bar does, with our bar: a line (and a cancel check) per step.
-        return StepBar(iterable, total=total, steps=steps, ascii=False, mininterval=0, miniters=1)
-
     for source in (pipelines, pipelines.fast):
         if source is None:
             continue
         for table in (source.text2img, source.img2img, source.inpaint):
             for pipe in table.values():
-                pipe.progress_bar = progress_bar  # diffusers builds its tqdm here; no option picks the class
+                # diffusers builds its tqdm here; no option picks the class
+                pipe.progress_bar = functools.partial(step_bar, steps)
     return steps
