@@ -13,11 +13,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 NOT_ON_CPU = {"resident GPU memory after setup", "bf16 slot switch dev <-> schnell",
               "compute floor: dev 28 steps at fp8 peak"}
 
 
+# In a process of its own: the benchmark compiles, and dynamo's caches and the go_fast fallback counter are
+# per process (tests/test_compiled.py counts them from zero).
+@pytest.mark.slow
 def test_bench_quick_on_the_tiny_store(tmp_path: Path):
     env = {**os.environ, "FLUX_LORA_DEVICE": "cpu"}
     env.pop("OUT", None)

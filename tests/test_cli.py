@@ -28,6 +28,7 @@ def _predict(tmp_path: Path, *inputs: str, predictor: str = "hotswap") -> list[P
     return sorted(set(out.glob("prediction-*/out-*")) - before)
 
 
+@pytest.mark.slow
 def test_same_seed_same_image_other_seed_other_image(store_env: Path, tmp_path: Path) -> None:
     first = _predict(tmp_path / "a", "prompt=a cat", "seed=99", "output_format=png")
     second = _predict(tmp_path / "b", "prompt=a cat", "seed=99", "output_format=png")
@@ -37,6 +38,7 @@ def test_same_seed_same_image_other_seed_other_image(store_env: Path, tmp_path: 
     assert not np.array_equal(pixels[0], pixels[2])
 
 
+@pytest.mark.slow
 def test_outputs_land_in_a_fresh_directory_each_time(store_env: Path, tmp_path: Path) -> None:
     paths = _predict(tmp_path, "prompt=x", "num_outputs=3", "output_format=jpg", "model=schnell")
     paths += _predict(tmp_path, "prompt=x", "output_format=jpg", "model=schnell")
@@ -45,6 +47,7 @@ def test_outputs_land_in_a_fresh_directory_each_time(store_env: Path, tmp_path: 
     assert all(Image.open(p).format == "JPEG" for p in paths)
 
 
+@pytest.mark.slow
 def test_quality_changes_lossy_files_only(store_env: Path, tmp_path: Path) -> None:
     low = _predict(tmp_path, "prompt=x", "seed=1", "output_quality=5")[0]
     high = _predict(tmp_path, "prompt=x", "seed=1", "output_quality=95")[0]
@@ -132,6 +135,7 @@ def test_huge_input_images_are_refused_before_decoding(
     assert err == "error: image: is 12000x10000 pixels; the largest accepted is 100 megapixels"
 
 
+@pytest.mark.slow
 def test_console_script_exits_without_a_traceback(store_env: Path, tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "flux_lora", "predict", "-i", "prompt=x", "-i", "aspect_ratio=custom"],
@@ -198,6 +202,7 @@ def nsfw_store(tiny_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     return store
 
 
+@pytest.mark.slow
 def test_safety_checker_blocks_and_can_be_disabled(
     nsfw_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -27,6 +27,8 @@ from flux_lora.generation.tiny import make_tiny_store
 from flux_lora.service import HOTSWAP, TRAINED, Service
 from flux_lora.settings import Settings
 
+pytestmark = pytest.mark.slow  # compiles at setup, starts a server: `pytest -m "not slow"` skips it
+
 BACKEND = os.environ.get("FLUX_LORA_TEST_BACKEND", "eager")
 RANK = 8  # the reserved slots' rank in these tests (FLUX_LORA_HOTSWAP_RANK)
 # Compiled and uncompiled go_fast differ only in float rounding order (zero padding adds exact zeros).

@@ -91,6 +91,7 @@ def test_step_log_turns_tqdm_redraws_into_clean_lines() -> None:
 CHATTER = re.compile(r"Unable to import `torchao`|requires torchvision \(not installed\)|kept in float32: \[\]")
 
 
+@pytest.mark.slow
 def test_setup_logs_are_plain_lines_without_library_chatter(hotswap_server: CogServer) -> None:
     logs = requests.get(f"{hotswap_server.url}/health-check", timeout=10).json()["setup"]["logs"]
     assert "Setup finished in " in logs and "Loaded FLUX.1 dev and schnell" in logs
@@ -121,6 +122,7 @@ def test_cog_yaml_and_serve_use_the_same_number_of_slots() -> None:
     assert config["concurrency"]["max"] == MAX_CONCURRENCY == 2
 
 
+@pytest.mark.slow
 def test_a_client_that_waits_for_each_answer_never_gets_409(hotswap_server: CogServer) -> None:
     for _ in range(3):
         codes = [requests.post(f"{hotswap_server.url}/predictions", json={"input": QUICK}, timeout=60).status_code
@@ -128,6 +130,7 @@ def test_a_client_that_waits_for_each_answer_never_gets_409(hotswap_server: CogS
         assert codes == [200] * 40, f"{codes.count(409)} x 409"
 
 
+@pytest.mark.slow
 def test_n_at_once_run_one_after_another_and_one_more_is_refused_at_once(hotswap_server: CogServer) -> None:
     results: dict[str, requests.Response] = {}
     ids = [f"slot-{i}-{uuid.uuid4().hex[:8]}" for i in range(MAX_CONCURRENCY)]
@@ -149,6 +152,7 @@ def test_n_at_once_run_one_after_another_and_one_more_is_refused_at_once(hotswap
     assert sum(WAITING in b["logs"] for b in bodies) == MAX_CONCURRENCY - 1
 
 
+@pytest.mark.slow
 def test_cancel_ends_a_waiting_prediction_unrun_and_stops_a_running_one_at_the_next_step(
     hotswap_server: CogServer,
 ) -> None:
@@ -187,6 +191,7 @@ def test_cancel_ends_a_waiting_prediction_unrun_and_stops_a_running_one_at_the_n
     assert last <= before + 2 and last < steps, (before, last)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("mode", "inputs", "ran"),
     [
@@ -220,6 +225,7 @@ def _png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("field", ["image", "mask"])
 def test_an_image_bomb_is_refused_naming_the_field_and_the_limit(hotswap_server: CogServer, field: str) -> None:
     bomb = "data:image/png;base64," + base64.b64encode(_png_header(20000, 20000)).decode()
@@ -233,11 +239,12 @@ def test_an_image_bomb_is_refused_naming_the_field_and_the_limit(hotswap_server:
     assert "could not be read" not in body["error"]
 
 
+@pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
     raises=AssertionError,
     reason="coglet 0.23.1 checks inputs with a JSON Schema (2020-12) validator, which ignores OpenAPI's "
-    "`nullable`: null for an optional input is 422 (README, 'JSON null'). Passes once cog honours it.",
+    "`nullable`: null for an optional input is 422 (docs/server.md, 'JSON null'). Passes once cog honours it.",
 )
 @pytest.mark.parametrize("field", ["seed", "image", "mask", "replicate_weights", "extra_lora"])
 def test_json_null_for_an_optional_input_means_unset(hotswap_server: CogServer, field: str) -> None:

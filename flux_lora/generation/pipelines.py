@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
 def quiet_loading_bars() -> None:
     """diffusers' and transformers' loading bars off (and with them huggingface_hub's): setup logs, cog's
     /health-check and a container's output, are read as text, and tqdm redraws with carriage returns and
