@@ -121,15 +121,20 @@ class Service:
                 load_fast_pipelines,
                 load_pipelines,
                 pick_device,
+                quiet_loading_bars,
             )
             from flux_lora.generation.safety import SafetyChecker
             from flux_lora.lora.adapters import LoraManager
             from flux_lora.weights.cache import WeightCache
             from flux_lora.weights.store import ensure_store
 
+        quiet_loading_bars()
         self.variant = variant
         self.settings = settings
         self.baked_lora = baked_lora
+        # Requests may name any local LoRA file: only for `flux-lora predict`, run by the machine's own user.
+        # A server reads local files only under FLUX_LORA_LOCAL_LORA_DIRS.
+        self.local_loras = False
         self.outputs_dir = Path(tempfile.mkdtemp(prefix="flux-lora-outputs-"))
         torch.set_grad_enabled(False)
         store: Path | None = settings.weights_dir
@@ -219,10 +224,11 @@ class Service:
     def fetch_loras(self, specs: Sequence[LoraSpec]) -> list[LoraFile]:
         """The weights stage: each LoRA the request names as a verified local file, through the cache.
 
-        Only the deployment's own COG_WEIGHTS may be a local path; the cache's errors name the input."""
+        Only the deployment's own COG_WEIGHTS, the command line's requests and files under
+        FLUX_LORA_LOCAL_LORA_DIRS may be local paths; the cache's errors name the input."""
         out: list[LoraFile] = []
         for spec in specs:
-            local = self.baked_lora is not None and spec.ref.strip() == self.baked_lora.strip()
+            local = self.local_loras or (self.baked_lora is not None and spec.ref.strip() == self.baked_lora.strip())
             start, downloads = time.perf_counter(), self.cache.downloads
             try:
                 path = self.cache.fetch(spec.ref, allow_local=local)

@@ -1,4 +1,4 @@
-"""Environment configuration, read in one place so the README's table has one source."""
+"""Environment configuration, read in one place so docs/configuration.md's table has one source."""
 
 from __future__ import annotations
 

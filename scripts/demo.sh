@@ -14,3 +14,4 @@ flux-lora serve --host 127.0.0.1 --port "$PORT" >outputs/server.log 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null' EXIT
 python scripts/demo_client.py "http://127.0.0.1:$PORT" outputs
+echo "==> next: 'source .venv/bin/activate' puts flux-lora on your PATH; README.md, 'Use it', goes on from here"

@@ -1,5 +1,5 @@
 """Several `flux-lora serve` replicas on one machine sharing one store and one LoRA cache, as
-Kubernetes runs them on a ReadWriteMany volume (README.md, "Scaling out"; tests/test_replicas.py
+Kubernetes runs them on a ReadWriteMany volume (docs/scaling-out.md; tests/test_replicas.py
 checks what they guarantee). Ctrl-C stops them all.
 
     python scripts/replicas.py [--replicas 3] [--port 5100] [--store DIR] [--cache DIR]

@@ -130,19 +130,22 @@ def server_env(store: Path, workdir: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def _serve(predictor: str, store: Path, factory: pytest.TempPathFactory) -> Iterator[CogServer]:
+def _serve(predictor: str, store: Path, factory: pytest.TempPathFactory, **extra: str) -> Iterator[CogServer]:
     workdir = factory.mktemp(predictor)
-    server = CogServer(predictor, workdir, server_env(store, workdir))
+    server = CogServer(predictor, workdir, server_env(store, workdir, **extra))
     yield server
     server.stop()
 
 
-@pytest.fixture(scope="module")
+# One server per variant for the whole session: each start costs about 20 s of imports on 2 cores, and the
+# tests that share one send their requests one after another. The hot-swap one may fetch LoRAs from the
+# tests' loopback hosts; refusing private hosts is tested on a server of its own (test_url_inputs.py).
+@pytest.fixture(scope="session")
 def hotswap_server(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CogServer]:
-    yield from _serve("hotswap", tiny_store, tmp_path_factory)
+    yield from _serve("hotswap", tiny_store, tmp_path_factory, FLUX_LORA_ALLOW_PRIVATE_URLS="1")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained_server(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CogServer]:
     yield from _serve("trained", tiny_store, tmp_path_factory)
 

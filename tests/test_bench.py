@@ -33,6 +33,9 @@ NOT_ON_CPU = {  # rows that cannot apply on a CPU, each with its reason
 SETUP_ROWS = [*(f"setup: {stage}" for stage in bench.SETUP_STAGES), "setup: total", "resident GPU memory after setup"]
 
 
+# In a process of its own: the benchmark compiles, and dynamo's caches and the go_fast fallback counter are
+# per process (tests/test_compiled.py counts them from zero).
+@pytest.mark.slow
 def test_bench_quick_on_the_tiny_store(tmp_path: Path):
     env = {**os.environ, "FLUX_LORA_DEVICE": "cpu"}
     env.pop("OUT", None)

@@ -23,6 +23,7 @@ from flux_lora.errors import (
     BlockedUrlError,
     LocalFileRefused,
     NotALoraError,
+    UserError,
     WeightsAuthError,
     WeightsError,
     WeightsNotFound,
@@ -644,9 +645,25 @@ def test_local_paths_are_refused_unless_allowed_and_say_nothing_about_the_file(e
         with pytest.raises(LocalFileRefused) as info:
             cache.fetch(ref)
         messages.add(str(info.value))
-    assert len(messages) == 1 and "not accepted" in messages.pop()
+    assert len(messages) == 1 and "not accepted by the server unless FLUX_LORA_LOCAL_LORA_DIRS" in messages.pop()
     assert_nothing_left(cache)
     assert cache.fetch(str(archive), allow_local=True).read_bytes() == peft_lora()  # COG_WEIGHTS, the CLI
+
+
+def test_check_raises_what_fetch_would_without_the_network(server, cache, tmp_path):
+    (tmp_path / "notes.safetensors").write_bytes(b"not a safetensors file at all")
+    (tmp_path / "mine.safetensors").write_bytes(peft_lora())
+    with pytest.raises(UserError, match="unrecognised LoRA reference"):
+        cache.check("not a reference", allow_local=True)
+    with pytest.raises(WeightsNotFound, match="does not exist"):
+        cache.check(str(tmp_path / "gone.safetensors"), allow_local=True)
+    with pytest.raises(NotALoraError, match="notes.safetensors"):
+        cache.check(str(tmp_path / "notes.safetensors"), allow_local=True)
+    with pytest.raises(LocalFileRefused, match="FLUX_LORA_LOCAL_LORA_DIRS"):
+        cache.check(str(tmp_path / "mine.safetensors"))
+    cache.check(str(tmp_path / "mine.safetensors"), allow_local=True)
+    cache.check(f"{server.url}/never/asked.safetensors")  # a URL's form only: fetched by `fetch`
+    assert server.requests == [] and cache.entries() == []
 
 
 def test_local_lora_dirs_allow_files_under_them_only(env, tmp_path, monkeypatch):

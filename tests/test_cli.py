@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ def _predict(tmp_path: Path, *inputs: str, predictor: str = "hotswap") -> list[P
     return sorted(set(out.glob("prediction-*/out-*")) - before)
 
 
+@pytest.mark.slow
 def test_same_seed_same_image_other_seed_other_image(store_env: Path, tmp_path: Path) -> None:
     first = _predict(tmp_path / "a", "prompt=a cat", "seed=99", "output_format=png")
     second = _predict(tmp_path / "b", "prompt=a cat", "seed=99", "output_format=png")
@@ -36,6 +38,7 @@ def test_same_seed_same_image_other_seed_other_image(store_env: Path, tmp_path: 
     assert not np.array_equal(pixels[0], pixels[2])
 
 
+@pytest.mark.slow
 def test_outputs_land_in_a_fresh_directory_each_time(store_env: Path, tmp_path: Path) -> None:
     paths = _predict(tmp_path, "prompt=x", "num_outputs=3", "output_format=jpg", "model=schnell")
     paths += _predict(tmp_path, "prompt=x", "output_format=jpg", "model=schnell")
@@ -44,6 +47,7 @@ def test_outputs_land_in_a_fresh_directory_each_time(store_env: Path, tmp_path: 
     assert all(Image.open(p).format == "JPEG" for p in paths)
 
 
+@pytest.mark.slow
 def test_quality_changes_lossy_files_only(store_env: Path, tmp_path: Path) -> None:
     low = _predict(tmp_path, "prompt=x", "seed=1", "output_quality=5")[0]
     high = _predict(tmp_path, "prompt=x", "seed=1", "output_quality=95")[0]
@@ -71,8 +75,6 @@ def test_image_file_input_with_at_syntax(store_env: Path, tmp_path: Path) -> Non
         (["prompt=x", "aspect_ratio=custom", "height=512"], "width: is required when aspect_ratio is 'custom'"),
         (["prompt=x", "image=@/no/such/file.png"], "image: file not found"),
         (["prompt=x", f"seed={2**63}"], "seed: must be an integer up to"),
-        (["prompt=x", "replicate_weights=/etc/passwd"], "replicate_weights: local file paths are not accepted"),
-        (["prompt=x", "extra_lora=file:///etc/hosts"], "extra_lora: local file paths are not accepted"),
     ],
 )
 def test_bad_input_is_one_line_and_non_zero(
@@ -86,6 +88,42 @@ def test_bad_input_is_one_line_and_non_zero(
     assert err[-1].startswith("error: ") and message in err[-1]
 
 
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        (["replicate_weights=/etc/passwd"], "replicate_weights: local file '/etc/passwd' is not a safetensors file"),
+        (["extra_lora=file:///etc/hosts"], "extra_lora: local file '/etc/hosts' is not a safetensors file"),
+        (["replicate_weights=./no/such.safetensors"], "replicate_weights: local LoRA file './no/such.safetensors' "
+                                                       "does not exist"),
+        (["extra_lora=owner"], "extra_lora: unrecognised LoRA reference 'owner'"),
+    ],
+)
+def test_lora_references_are_checked_before_setup(
+    store_env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    inputs: list[str], message: str,
+) -> None:
+    from flux_lora.service import Service
+
+    def no_setup(*args: object, **kwargs: object) -> None:
+        raise AssertionError("setup ran before the LoRA references were checked")
+
+    monkeypatch.setattr(Service, "start", no_setup)
+    args = ["predict", "-o", str(tmp_path), "-i", "prompt=x"]
+    for item in inputs:
+        args += ["-i", item]
+    assert main(args) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {message}")
+
+
+def test_local_lora_files_are_the_users_own_on_the_command_line(store_env: Path, tmp_path: Path) -> None:
+    from flux_lora.generation.tiny import SAMPLE_LORA
+
+    plain = _predict(tmp_path, "prompt=a photo of TOK", "seed=3", "output_format=png")[0]
+    lora = store_env / SAMPLE_LORA
+    with_lora = _predict(tmp_path, "prompt=a photo of TOK", "seed=3", "output_format=png", f"replicate_weights={lora}")
+    assert not np.array_equal(np.asarray(Image.open(plain)), np.asarray(Image.open(with_lora[0])))
+
+
 def test_huge_input_images_are_refused_before_decoding(
     store_env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -97,6 +135,7 @@ def test_huge_input_images_are_refused_before_decoding(
     assert err == "error: image: is 12000x10000 pixels; the largest accepted is 100 megapixels"
 
 
+@pytest.mark.slow
 def test_console_script_exits_without_a_traceback(store_env: Path, tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "flux_lora", "predict", "-i", "prompt=x", "-i", "aspect_ratio=custom"],
@@ -105,6 +144,8 @@ def test_console_script_exits_without_a_traceback(store_env: Path, tmp_path: Pat
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: width: is required")
+    assert "Setup finished" in proc.stderr  # setup ran and logged, in plain lines, without the libraries' chatter
+    assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f]|torchao|torchvision|kept in float32", proc.stderr), proc.stderr
 
 
 def test_make_tiny_is_deterministic_and_complete(tiny_store: Path, tmp_path: Path) -> None:
@@ -117,6 +158,26 @@ def test_make_tiny_is_deterministic_and_complete(tiny_store: Path, tmp_path: Pat
         assert (again / rel).read_bytes() == (tiny_store / rel).read_bytes(), rel
     for sub in ("model_index.json", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"):
         assert (tiny_store / "FLUX.1-dev" / sub).exists(), sub
+
+
+@pytest.mark.parametrize("predictor", ["hotswap", "trained"])
+def test_predict_help_lists_every_input_with_type_range_and_default(
+    capsys: pytest.CaptureFixture[str], predictor: str
+) -> None:
+    from flux_lora.serving.local import input_properties
+
+    with pytest.raises(SystemExit) as done:
+        main(["predict", "--predictor", predictor, "--help"])
+    assert done.value.code == 0
+    listing = capsys.readouterr().out.split(f"inputs of the {predictor} variant", 1)[1].splitlines()[1:-1]
+    rows = dict(line.split(None, 1) for line in listing)
+    assert list(rows) == list(input_properties(predictor))  # every input, in the schema's order
+    assert rows["prompt"] == "string; required"
+    assert rows["num_outputs"] == "integer 1 to 4; default 1"
+    assert rows["aspect_ratio"].startswith("one of 1:1, 16:9, 21:9,") and rows["aspect_ratio"].endswith("; default 1:1")
+    assert rows["seed"] == "integer; optional"
+    assert rows["go_fast"] == f"boolean; default {str(predictor == 'trained').lower()}"
+    assert ("replicate_weights" in rows) == (predictor == "hotswap")
 
 
 def test_schema_command_prints_the_schema(capsys: pytest.CaptureFixture[str]) -> None:
@@ -141,6 +202,7 @@ def nsfw_store(tiny_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     return store
 
 
+@pytest.mark.slow
 def test_safety_checker_blocks_and_can_be_disabled(
     nsfw_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -29,6 +29,8 @@ from flux_lora.generation.tiny import make_tiny_store
 from flux_lora.service import HOTSWAP, TRAINED, Service
 from flux_lora.settings import Settings
 
+pytestmark = pytest.mark.slow  # compiles at setup, starts a server: `pytest -m "not slow"` skips it
+
 BACKEND = os.environ.get("FLUX_LORA_TEST_BACKEND", "eager")
 RANK = 8  # the largest rank of these LoRAs
 BUDGET = 2 * RANK  # the compiled transformers' rank budget per layer in these tests (FLUX_LORA_MAX_RANK)

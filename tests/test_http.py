@@ -20,6 +20,8 @@ from PIL import Image
 
 from flux_lora.serving.schema import schema_json
 
+pytestmark = pytest.mark.slow  # starts servers or subprocesses: `pytest -m "not slow"` skips it
+
 FAST = {"num_inference_steps": 2, "megapixels": "0.25"}
 
 

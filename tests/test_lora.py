@@ -18,7 +18,6 @@ import lora_samples as S
 import numpy as np
 import pytest
 import torch
-from conftest import CogServer
 from fakes import FakeServer
 from PIL import Image
 
@@ -29,6 +28,8 @@ from flux_lora.lora.formats import ModelNames, convert_lora
 from flux_lora.request import LoraSpec, PipelineKey, effective_scale
 from flux_lora.service import HOTSWAP, TRAINED, LoraFile, Service
 from flux_lora.settings import Settings
+
+pytestmark = pytest.mark.slow  # a Service per module and many predictions: `pytest -m "not slow"` skips it
 
 
 @pytest.fixture(scope="module")
@@ -407,30 +408,27 @@ def test_flux_lora_predict_command_applies_the_lora(settings, server, input_imag
     assert main([*args, "-i", f"replicate_weights={url(server, 'sd15')}"]) == 1
 
 
-def test_http_server_applies_loras_and_survives_a_bad_one(settings, server, input_image, service, tmp_path):
-    cog = CogServer("hotswap", tmp_path, dict(os.environ))
-    try:
-        data_uri = "data:image/png;base64," + base64.b64encode(Path(input_image).read_bytes()).decode()
-        common = {"prompt": "a cat", "image": data_uri, "prompt_strength": 1.0, "num_inference_steps": 2,
-                  "seed": 7, "output_format": "png", "disable_safety_checker": True}
+def test_http_server_applies_loras_and_survives_a_bad_one(server, input_image, service, hotswap_server):
+    """The session's server, on the same tiny weights as this module's service (make_tiny_store is deterministic)."""
+    data_uri = "data:image/png;base64," + base64.b64encode(Path(input_image).read_bytes()).decode()
+    common = {"prompt": "a cat", "image": data_uri, "prompt_strength": 1.0, "num_inference_steps": 2,
+              "seed": 7, "output_format": "png", "disable_safety_checker": True}
 
-        def predict(**inputs) -> dict:
-            return cog.predict(**{**common, **inputs}).json()
+    def predict(**inputs) -> dict:
+        return hotswap_server.predict(**{**common, **inputs}).json()
 
-        good = predict(replicate_weights=url(server, "comfyui"))
-        assert good["status"] == "succeeded", good
-        payload = good["output"][0].split(",", 1)[1]
-        image = np.asarray(Image.open(io.BytesIO(base64.b64decode(payload)))).astype(np.int16)
-        assert np.array_equal(image, run(service, input_image, replicate_weights=url(server, "comfyui")))
-        bad = predict(replicate_weights=url(server, "sdxl"))
-        assert bad["status"] == "failed" and "SDXL" in bad["error"], json.dumps(bad)[:500]
-        after = predict()
-        assert after["status"] == "succeeded", after
-        payload = after["output"][0].split(",", 1)[1]
-        image = np.asarray(Image.open(io.BytesIO(base64.b64decode(payload)))).astype(np.int16)
-        assert np.array_equal(image, service.base)  # nothing of either LoRA stays applied
-    finally:
-        cog.stop()
+    good = predict(replicate_weights=url(server, "comfyui"))
+    assert good["status"] == "succeeded", good
+    payload = good["output"][0].split(",", 1)[1]
+    image = np.asarray(Image.open(io.BytesIO(base64.b64decode(payload)))).astype(np.int16)
+    assert np.array_equal(image, run(service, input_image, replicate_weights=url(server, "comfyui")))
+    bad = predict(replicate_weights=url(server, "sdxl"))
+    assert bad["status"] == "failed" and "SDXL" in bad["error"], json.dumps(bad)[:500]
+    after = predict()
+    assert after["status"] == "succeeded", after
+    payload = after["output"][0].split(",", 1)[1]
+    image = np.asarray(Image.open(io.BytesIO(base64.b64decode(payload)))).astype(np.int16)
+    assert np.array_equal(image, service.base)  # nothing of either LoRA stays applied
 
 
 def _malformed(tr: torch.nn.Module) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str] | None]]:

@@ -32,6 +32,8 @@ from flux_lora.lora.formats import ModelNames, convert_lora
 from flux_lora.service import HOTSWAP, TRAINED, Service
 from flux_lora.settings import Settings
 
+pytestmark = pytest.mark.slow  # a Service per module and many predictions: `pytest -m "not slow"` skips it
+
 RATIO_BOUNDS = (0.85, 1.15)
 SCALES = (0.5, 1.0, -1.0)
 COMMON = {"prompt": "a cat", "prompt_strength": 1.0, "num_inference_steps": 4, "seed": 11, "output_format": "png",

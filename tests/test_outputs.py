@@ -37,9 +37,15 @@ def test_parameters_line_is_what_a1111_writes() -> None:
     assert prompt == "a cat, in 'the' hat: 猫"
     assert line == (
         "Steps: 28, Sampler: Euler, Schedule type: Simple, CFG scale: 1, Distilled CFG Scale: 3.5, Seed: 42, "
-        "Size: 512x768, Model: dev, Mode: txt2img, Prompt strength: 0.8, go_fast: True, Batch size: 3, "
+        "Size: 512x768, Model: dev, Mode: txt2img, go_fast: True, Batch size: 3, "
         "Batch pos: 2, Lora: owner/model, Lora scale: 0.8, Version: flux-lora-cog"
     )
+
+
+@pytest.mark.parametrize(("image", "mask", "mode"), [("i.png", None, "img2img"), ("i.png", "m.png", "inpaint")])
+def test_prompt_strength_is_written_for_modes_with_an_input_image_only(image: str, mask: str | None, mode: str) -> None:
+    request = _request(image=image, mask=mask, prompt_strength=0.65)
+    assert f"Mode: {mode}, Prompt strength: 0.65, go_fast: False," in parameters_text(request, 256, 256, 0)
 
 
 def test_lora_references_are_redacted_and_input_images_never_written() -> None:

@@ -14,11 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from conftest import CogServer, data_uri, server_env
+from conftest import CogServer, data_uri
 from fakes import FakeServer
 from PIL import ExifTags, Image
 
 from flux_lora.serving.cli import main
+
+pytestmark = pytest.mark.slow  # the cog server and flux-lora predict end to end: `pytest -m "not slow"` skips it
 
 FAST = {"num_inference_steps": 2, "megapixels": "0.25"}
 COGLET_PREFIX = "Prediction failed: Async prediction failed: "  # coglet's own (see flux_lora.errors.Failure)
@@ -52,12 +54,10 @@ def lora_host(tiny_store: Path) -> Iterator[FakeServer]:
         yield host
 
 
-@pytest.fixture(scope="module")
-def server(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CogServer]:
-    workdir = tmp_path_factory.mktemp("parity")
-    cog = CogServer("hotswap", workdir, server_env(tiny_store, workdir, FLUX_LORA_ALLOW_PRIVATE_URLS="1"))
-    yield cog
-    cog.stop()
+@pytest.fixture
+def server(hotswap_server: CogServer) -> CogServer:
+    """The session's hot-swap server (conftest.py), which may fetch from `lora_host` on loopback."""
+    return hotswap_server
 
 
 def _ok(response: requests.Response) -> dict:

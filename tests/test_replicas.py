@@ -24,6 +24,8 @@ from conftest import CogServer, decode_output, server_env
 from fakes import FakeServer
 from safetensors.numpy import save
 
+pytestmark = pytest.mark.slow  # starts servers or subprocesses: `pytest -m "not slow"` skips it
+
 INPUTS = {"prompt": "a cat", "num_inference_steps": 2, "megapixels": "0.25", "seed": 5, "output_format": "png"}
 
 
@@ -50,8 +52,11 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
-@pytest.fixture
-def shared(tiny_store: Path, tmp_path: Path) -> Iterator[tuple[FakeServer, Callable[[str], CogServer], Path]]:
+@pytest.fixture(scope="module")
+def shared(
+    tiny_store: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[FakeServer, Callable[[str], CogServer], Path]]:
+    tmp_path = tmp_path_factory.mktemp("replicas")
     cache = tmp_path / "shared-lora-cache"
     started: list[CogServer] = []
 
@@ -71,24 +76,33 @@ def shared(tiny_store: Path, tmp_path: Path) -> Iterator[tuple[FakeServer, Calla
             server.stop()
 
 
-def test_a_new_lora_asked_of_three_replicas_at_once_downloads_once(shared) -> None:
-    fake, start, cache = shared
+@pytest.fixture(scope="module")
+def replicas(shared) -> list[CogServer]:
+    """Three replicas on the shared store and cache, started together (each start costs seconds of imports);
+    the tests below share them, and the last one kills one of them."""
+    _, start, _ = shared
     with ThreadPoolExecutor(3) as pool:
-        servers = list(pool.map(start, ["a", "b", "c"]))
-        url = fake.add_file("/loras/new.safetensors", lora(1))
-        answers = list(pool.map(lambda s: s.predict(replicate_weights=url, **INPUTS), servers))
+        return list(pool.map(start, ["a", "b", "c"]))
+
+
+def test_a_new_lora_asked_of_three_replicas_at_once_downloads_once(shared, replicas) -> None:
+    fake, _, cache = shared
+    before = _index(cache)
+    url = fake.add_file("/loras/new.safetensors", lora(1))
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda s: s.predict(replicate_weights=url, **INPUTS), replicas))
     bodies = [a.json() for a in answers]
     assert [b["status"] for b in bodies] == ["succeeded"] * 3, [b.get("error") for b in bodies]
     assert fake.count("GET", "/loras/new.safetensors") == 1
     images = [np.asarray(decode_output(b["output"][0])) for b in bodies]
     assert all(np.array_equal(images[0], other) for other in images[1:])
-    assert len(_index(cache)) == 1
+    assert len(_index(cache)) == len(before) + 1
 
 
-def test_a_replica_killed_mid_download_leaves_nothing_served(shared) -> None:
+def test_a_replica_killed_mid_download_leaves_nothing_served(shared, replicas) -> None:
     fake, start, cache = shared
-    with ThreadPoolExecutor(2) as pool:
-        doomed, other = pool.map(start, ["doomed", "other"])
+    other, doomed = replicas[1:]
+    before = (_index(cache).keys(), sorted((cache / "files").glob("*")))
     url = fake.add_file("/loras/slow.safetensors", lora(2, rank=1024))
     fake.state.chunk_delay = 1.5  # about 6 s for the whole file
     threading.Thread(target=lambda: _quietly(doomed.predict, replicate_weights=url, **INPUTS), daemon=True).start()
@@ -100,13 +114,13 @@ def test_a_replica_killed_mid_download_leaves_nothing_served(shared) -> None:
     for pid in _tree(doomed.proc.pid):
         os.kill(pid, signal.SIGKILL)
     doomed.proc.wait(timeout=30)
-    assert not list((cache / "files").glob("*")) and not _index(cache)  # nothing of the partial download kept
+    assert (_index(cache).keys(), sorted((cache / "files").glob("*"))) == before  # nothing of the partial download
     fake.state.chunk_delay = 0.0
     body = other.predict(replicate_weights=url, **INPUTS).json()
     assert body["status"] == "succeeded", body.get("error")
     assert not any(p.exists() for p in staging)  # the killed replica's staging went once the key was fetched
-    entries = _index(cache)
-    assert [e["size"] for e in entries.values()] == [len(fake.state.files["/loras/slow.safetensors"])]
+    entries = [e for key, e in _index(cache).items() if key not in before[0]]
+    assert [e["size"] for e in entries] == [len(fake.state.files["/loras/slow.safetensors"])]
     gets = fake.count("GET", "/loras/slow.safetensors")
     restarted = start("doomed-again")
     again = restarted.predict(replicate_weights=url, **INPUTS).json()

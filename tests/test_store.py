@@ -300,6 +300,7 @@ def test_offline_refuses_the_remains_of_an_interrupted_download(hub: FakeServer,
         ensure_store(root, models=["schnell"], safety=False, offline=True)
 
 
+@pytest.mark.slow
 def test_download_base_then_a_prediction_runs(hub: FakeServer, tmp_path: Path) -> None:
     """The tiny FLUX served under the real names is downloaded by `download-base` and then predicts."""
     from flux_lora.generation.tiny import make_tiny_store

@@ -92,6 +92,7 @@ def _refused_urls(victim: FakeServer, allowed: FakeServer) -> dict[str, str]:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("field", ["image", "mask"])
 @pytest.mark.parametrize("form", ["loopback", "localhost", "ipv6", "decimal", "hex", "short", "redirect"])
 def test_private_image_and_mask_urls_are_refused_unfetched(server: CogServer, allowed: FakeServer,
@@ -105,6 +106,7 @@ def test_private_image_and_mask_urls_are_refused_unfetched(server: CogServer, al
     assert "Input validation error" not in error, "refused by the guard, not by a failed cog download"
 
 
+@pytest.mark.slow
 def test_an_allowed_url_is_fetched_and_used(server: CogServer, allowed: FakeServer) -> None:
     before = allowed.count("GET", "/in.png")
     response = server.predict(prompt="x", image=f"{allowed.url}/in.png", output_format="png", **FAST)
@@ -114,6 +116,7 @@ def test_an_allowed_url_is_fetched_and_used(server: CogServer, allowed: FakeServ
     assert allowed.count("GET", "/in.png") == before + 1
 
 
+@pytest.mark.slow
 def test_a_missing_image_is_named_and_the_server_keeps_serving(server: CogServer, allowed: FakeServer) -> None:
     error = _error(server.predict(prompt="x", image=f"{allowed.url}/missing.png?token=secret", **FAST))
     assert re.search(r"\bimage: http://127\.0\.0\.1:\d+/missing\.png\?…: not found \(HTTP 404\)", error), error
@@ -134,6 +137,7 @@ def test_a_malformed_data_uri_is_named_in_one_line(server: CogServer, field: str
     assert "\n" not in error and "Input validation error" not in error, error
 
 
+@pytest.mark.slow
 def test_local_paths_are_not_read(server: CogServer, tmp_path: Path) -> None:
     """cog hands a value that is not a URL to run() as it came: the server must not open its own files."""
     local = tmp_path / "secret.png"

@@ -21,6 +21,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from flux_lora import cancel
 from flux_lora.errors import shorten
+from flux_lora.request import Mode
 from flux_lora.weights.refs import shown
 
 if TYPE_CHECKING:
@@ -62,7 +63,8 @@ def parameters_text(request: Request, width: int, height: int, index: int) -> st
         "Size": f"{width}x{height}",
         "Model": request.model,
         "Mode": request.mode.value,
-        "Prompt strength": _number(request.prompt_strength),
+        # Only img2img and inpainting have an input image for the prompt to overpower.
+        **({} if request.mode is Mode.TXT2IMG else {"Prompt strength": _number(request.prompt_strength)}),
         "go_fast": request.go_fast,
         "Batch size": request.num_outputs,
         "Batch pos": index,

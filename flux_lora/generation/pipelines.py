@@ -33,6 +33,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
+def quiet_loading_bars() -> None:
+    """diffusers' and transformers' loading bars off (and with them huggingface_hub's): setup logs, cog's
+    /health-check and a container's output, are read as text, and tqdm redraws with carriage returns and
+    cursor moves. Setup says what it loaded in log lines; denoising draws its own bar (progress.py)."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def pick_device(preferred: str | None = None) -> tuple[torch.device, torch.dtype]:
     """CUDA in bf16 when present, else CPU in float32 (bf16 matmuls are slow on most CPUs)."""
     name = preferred or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -11,6 +11,7 @@ diffusers' own per-step callback (`flux_lora.generation.pipelines.generate`), no
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 import sys
@@ -38,7 +39,7 @@ class StepLog(io.TextIOBase):
         out = self._out or sys.stderr
         for part in re.split(r"[\r\n]", text):
             line = _CONTROL.sub("", part).rstrip()
-            if line and line != self._last:  # tqdm draws the final state again when it closes
+            if line and line != self._last:  # a redraw with nothing new (tqdm's refresh) is one line
                 out.write(line + "\n")
                 self._last = line
         out.flush()
@@ -56,18 +57,21 @@ class StepBar(tqdm):
         super().__init__(*args, file=steps, **kwargs)
 
 
+def step_bar(steps: StepLog, iterable: Any = None, total: int | None = None) -> StepBar:
+    """What DiffusionPipeline.progress_bar does, with our bar: a line per step.
+
+    leave=False: closing clears the bar (an empty line, dropped) instead of drawing 100% a second time."""
+    return StepBar(iterable, total=total, steps=steps, ascii=False, mininterval=0, miniters=1, leave=False)
+
+
 def log_progress(pipelines: Pipelines) -> StepLog:
     """Every entry point (plain and go_fast) draws its steps as StepBar lines into one StepLog."""
     steps = StepLog()
-
-    def progress_bar(iterable: Any = None, total: int | None = None) -> StepBar:
-        # What DiffusionPipeline.progress_bar does, with our bar: a line per step.
-        return StepBar(iterable, total=total, steps=steps, ascii=False, mininterval=0, miniters=1)
-
     for source in (pipelines, pipelines.fast):
         if source is None:
             continue
         for table in (source.text2img, source.img2img, source.inpaint):
             for pipe in table.values():
-                pipe.progress_bar = progress_bar  # diffusers builds its tqdm here; no option picks the class
+                # diffusers builds its tqdm here; no option picks the class
+                pipe.progress_bar = functools.partial(step_bar, steps)
     return steps

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import Unigram
 from transformers import (
@@ -24,10 +25,12 @@ from transformers import (
     T5TokenizerFast,
 )
 
+from flux_lora.generation.pipelines import quiet_loading_bars
 from flux_lora.generation.safety import make_tiny_checkers
 from flux_lora.weights.store import DEV_DIR, SCHNELL_DIR
 
 TEXT_DIM = 32  # CLIP hidden size == pooled_projection_dim; T5 d_model == joint_attention_dim
+SAMPLE_LORA = "sample-lora.safetensors"  # beside the models: the README's LoRA example, offline
 _WORDS = (  # noqa: SIM905
     "a photo of the cat dog man woman portrait in style with on red blue green light dark tok "
     "painting film grain sunset city street forest mountain river car house sky night day"
@@ -133,6 +136,7 @@ def schnell_scheduler() -> FlowMatchEulerDiscreteScheduler:
 
 def make_tiny_store(root: Path, seed: int = 0) -> Path:
     """Write dev, schnell (transformer + scheduler only) and tiny safety checkers under `root`."""
+    quiet_loading_bars()
     root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
@@ -182,4 +186,19 @@ def make_tiny_store(root: Path, seed: int = 0) -> Path:
     (schnell_dir / "model_index.json").write_text((root / DEV_DIR / "model_index.json").read_text())
 
     make_tiny_checkers(root)
+    make_sample_lora(root / SAMPLE_LORA, dev.transformer)
     return root
+
+
+def make_sample_lora(path: Path, transformer: FluxTransformer2DModel, rank: int = 4) -> Path:
+    """A random LoRA (peft names, as Replicate's trainer writes them) on every attention projection of
+    the tiny transformer, strong enough to change its image; trigger word "TOK" in its metadata."""
+    gen = torch.Generator().manual_seed(1)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in transformer.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".attn." in name:
+            prefix = f"transformer.{name}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=gen) / 4
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=gen) / 4
+    save_file(tensors, path, metadata={"format": "pt", "modelspec.trigger_phrase": "TOK"})
+    return path

@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from flux_lora.serving.schema import PREDICTORS
 from flux_lora.settings import Settings
@@ -99,13 +100,31 @@ def _cmd_weights_download_base(args: argparse.Namespace) -> int:
     return 0
 
 
+class _PredictHelp(argparse.Action):
+    """`predict --help` lists the inputs of the variant named before it, read from its schema (on demand:
+    loading the schema imports cog, too slow for every command)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help="show this help and the inputs")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        from flux_lora.serving.local import inputs_help
+
+        parser.epilog = inputs_help(getattr(namespace, "predictor", "hotswap"))
+        parser.print_help()
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flux-lora", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def add(name: str, handler: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_)
+    def add(
+        name: str, handler: Callable[[argparse.Namespace], int], help_: str, **kwargs: Any
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_, **kwargs)
         p.set_defaults(handler=handler)
         return p
 
@@ -124,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--upload-url", default=None, help="PUT output files here (as cog does)")
 
-    p = add("predict", _cmd_predict, "run one prediction, like `cog predict`")
+    p = add("predict", _cmd_predict, "run one prediction, like `cog predict`", add_help=False,
+            formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-h", "--help", action=_PredictHelp)
     predictor_option(p)
     p.add_argument("-i", "--input", action="append", default=[], metavar="NAME=VALUE",
                    help="an input; NAME=@path for a file")

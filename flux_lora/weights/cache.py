@@ -109,14 +109,10 @@ class WeightCache:
         when under a FLUX_LORA_LOCAL_LORA_DIRS folder: a request must not make the server read its disk.
         """
         cancel.check()  # a prediction cancelled between its LoRAs fetches no more
-        source = parse_ref(ref)
-        kind = provider(source)
-        if kind.reads_disk and not allow_local:
-            self._check_local(source)
-        path = kind.in_place(source)
+        source, path = self._offline_checks(ref, allow_local)
         if path is not None:
-            verify_lora_file(path, kind.describe(source))
             return path
+        kind = provider(source)
         recent = self._recently_pinned(source.cache_key)
         if recent is not None:
             return recent
@@ -154,6 +150,22 @@ class WeightCache:
             self._add(key, kind.shown(ref, source), final, alias, words)
             return final
 
+    def check(self, ref: str, allow_local: bool = False) -> None:
+        """Raise what `fetch` would raise without going to the network or the cache: the reference's form,
+        the local-file rule, a local .safetensors that is missing or not a LoRA. Seconds before a setup."""
+        self._offline_checks(ref, allow_local)
+
+    def _offline_checks(self, ref: str, allow_local: bool) -> tuple[Source, Path | None]:
+        """The parsed reference, and the verified file to use in place when it is a local .safetensors."""
+        source = parse_ref(ref)
+        kind = provider(source)
+        if kind.reads_disk and not allow_local:
+            self._check_local(source)
+        path = kind.in_place(source)
+        if path is not None:
+            verify_lora_file(path, kind.describe(source))
+        return source, path
+
     def _pin(self, source: Source) -> Source:
         """An unversioned reference pinned to what it names right now (one small request), so that a newly
         pushed version is a new cache key, while an unchanged one is a hit without downloading."""
@@ -187,10 +199,10 @@ class WeightCache:
         path = Path(source.path).expanduser().resolve()  # symlinks and `..` resolved: no way out of a folder
         if any(path.is_relative_to(folder) for folder in self.local_dirs):
             return
-        where = "" if not self.local_dirs else " outside FLUX_LORA_LOCAL_LORA_DIRS"
+        where = "a folder in FLUX_LORA_LOCAL_LORA_DIRS" if self.local_dirs else "FLUX_LORA_LOCAL_LORA_DIRS"
         raise LocalFileRefused(
-            f"local file paths{where} are not accepted here; give a URL, a Replicate, Hugging Face or CivitAI "
-            "reference, or a data: URI"
+            f"local file paths are not accepted by the server unless {where} holds them; give a URL, "
+            "a Replicate, Hugging Face or CivitAI reference, or a data: URI"
         )
 
     def trigger_words(self, path: Path) -> list[str]:
