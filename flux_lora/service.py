@@ -310,7 +310,7 @@ class Service:
             request = self.use_loras(request, files)
         if request.go_fast and self.pipelines.fast is not None:
             log.info("go_fast: %s", self.pipelines.fast.fp8)
-        with timings("denoise"):
+        with timings("denoise+decode"):
             images = generate(self.pipelines, request, cond)
         with timings("safety"):
             kept = safe_images(images, self.safety, disabled=request.disable_safety_checker)

@@ -79,7 +79,7 @@ def test_three_loras_of_other_formats_run_together_compiled_and_each_counts(mult
     three = ["attn_peft", "mlp_kohya", "all_comfy"]
     body = multi_server.predict(**COMMON, hf_loras=[url(files, n) for n in three], lora_scales=[0.9, 0.7, 1.2]).json()
     together = image(body)
-    assert "Timings: hf_loras[0] download" in body["logs"] and "denoise" in body["logs"]
+    assert "Timings: hf_loras[0] download" in body["logs"] and "denoise+decode" in body["logs"]
     assert "weight difference(s) an adapter cannot carry" in body["logs"]  # the ComfyUI file's .diff_b
     base = image(multi_server.predict(**COMMON).json())
     assert np.abs(together - base).mean() > 0.5
