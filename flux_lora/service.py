@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -40,6 +42,7 @@ KEEP_OUTPUTS = 8
 HOTSWAP = Variant("hotswap", main_lora_per_request=True)
 TRAINED = Variant("trained", main_lora_per_request=False)
 MULTI = Variant("multi", main_lora_per_request=False)  # `hf_loras`: any number of LoRAs per request
+VARIANTS = {variant.name: variant for variant in (HOTSWAP, TRAINED, MULTI)}
 
 
 def _configure_logging() -> None:
@@ -56,6 +59,20 @@ def baked_lora_ref(weights: str | Path | None, settings: Settings) -> str | None
     if path.is_dir() and path.resolve() == settings.weights_dir.resolve():
         return None
     return str(weights)
+
+
+def request_for(variant: Variant, baked_lora: str | None, inputs: dict[str, Any]) -> Request:
+    """The schema's inputs as a validated request for `variant`: pure rules, so `flux-lora predict` checks a
+    command line with them before seconds of setup."""
+    inputs = dict(inputs)
+    if variant.main_lora_per_request:
+        main, main_field = inputs.pop("replicate_weights", None), "replicate_weights"
+    else:  # the trained variant's LoRA (and a multi-LoRA deployment's, if it was given one)
+        main, main_field = baked_lora, "COG_WEIGHTS"
+    for key in ("image", "mask"):
+        if inputs.get(key) is not None:
+            inputs[key] = str(inputs[key])
+    return build_request(main_lora=main, main_field=main_field, **inputs)
 
 
 @dataclass(frozen=True)
@@ -136,6 +153,9 @@ class Service:
         # A server reads local files only under FLUX_LORA_LOCAL_LORA_DIRS.
         self.local_loras = False
         self.outputs_dir = Path(tempfile.mkdtemp(prefix="flux-lora-outputs-"))
+        # The last KEEP_OUTPUTS predictions' files stay while the service does (cog reads them after predict
+        # returns); the folder goes with the service, or at the process's exit.
+        weakref.finalize(self, shutil.rmtree, self.outputs_dir, ignore_errors=True)
         torch.set_grad_enabled(False)
         store: Path | None = settings.weights_dir
         if modules is None:
@@ -211,15 +231,7 @@ class Service:
 
     def request(self, inputs: dict[str, Any]) -> Request:
         """Turn the schema's inputs into a validated request for this variant."""
-        inputs = dict(inputs)
-        if self.variant.main_lora_per_request:
-            main, main_field = inputs.pop("replicate_weights", None), "replicate_weights"
-        else:  # the trained variant's LoRA (and a multi-LoRA deployment's, if it was given one)
-            main, main_field = self.baked_lora, "COG_WEIGHTS"
-        for key in ("image", "mask"):
-            if inputs.get(key) is not None:
-                inputs[key] = str(inputs[key])
-        return build_request(main_lora=main, main_field=main_field, **inputs)
+        return request_for(self.variant, self.baked_lora, inputs)
 
     def fetch_loras(self, specs: Sequence[LoraSpec]) -> list[LoraFile]:
         """The weights stage: each LoRA the request names as a verified local file, through the cache.

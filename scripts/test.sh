@@ -5,5 +5,5 @@ echo "==> ruff"
 ruff check .
 echo "==> import layers"
 lint-imports --no-cache >/dev/null || lint-imports --no-cache
-echo "==> pytest"
-exec pytest "$@"
+echo "==> pytest (two workers; tests/conftest.py gives each whole files, the longest first)"
+exec pytest -n 2 "$@"

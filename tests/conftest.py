@@ -36,6 +36,48 @@ def isolate_compile_cache_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name)
 
 
+# ------------------------------------------------------------------ two workers (scripts/test.sh: pytest -n 2)
+
+# The files whose tests use the session's servers (`hotswap_server`, `trained_server`): one work unit, so the
+# servers start once (tests/test_suite.py checks that the list is whole).
+SESSION_SERVER_FILES = ("tests/test_http.py", "tests/test_lora.py", "tests/test_parity.py", "tests/test_server.py")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """With pytest-xdist's workers, one torch thread per process: two workers (and the servers they start)
+    on two cores, each spinning two threads, spend a third more CPU on the same tests."""
+    if getattr(config.option, "numprocesses", None):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # this run's controller: inherited by workers and servers
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """Whole files to a worker (their module-scoped services, stores and servers are built once), the files
+    of SESSION_SERVER_FILES as one, in the order the workers collected them (see the next hook)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByFile(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "session servers" if path in SESSION_SERVER_FILES else path
+
+    config.option.loadscopereorder = False
+    return ByFile(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On xdist's workers, the longest work first: the session servers' files, then the other files with `slow`
+    tests, then the quick files, which fill in so that both workers end together."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+
+    def rank(item: pytest.Item) -> int:
+        path = item.nodeid.split("::", 1)[0]
+        return 0 if path in SESSION_SERVER_FILES else 1 if item.path in slow else 2
+
+    items.sort(key=rank)  # stable: each file keeps its own order
+
+
 @pytest.fixture(autouse=True)
 def _compile_cache_env_is_restored() -> Iterator[None]:
     """No test leaves the compile cache's switches (set only by our code, never at import) to the tests after it."""

@@ -133,3 +133,6 @@ def test_the_use_it_examples_work_as_copied(tiny_store: Path, tmp_path: Path) ->
         if expected:
             assert _matches(expected, ran[i]), f"$ {cmd}\nREADME shows {expected}\nprinted {ran[i]}"
     assert list((tmp_path / "outputs").glob("prediction-*/out-0.webp")), "flux-lora predict wrote its image"
+    # What the reader sees of `flux-lora predict`'s setup: plain lines, none of the libraries' chatter.
+    assert "Setup finished" in stderr
+    assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f]|torchao|torchvision|kept in float32", stderr), stderr

@@ -222,6 +222,7 @@ def rigged_server(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) ->
     server.stop()
 
 
+@pytest.mark.slow
 def test_flagged_images_are_dropped_and_all_flagged_fails_through_the_server(rigged_server: CogServer) -> None:
     def predict(**inputs: object) -> dict:
         response = rigged_server.predict(**REQUEST, **inputs)

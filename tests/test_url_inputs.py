@@ -125,6 +125,7 @@ def test_a_missing_image_is_named_and_the_server_keeps_serving(server: CogServer
     assert body["status"] == "succeeded", body.get("error")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("field", ["image", "mask"])
 @pytest.mark.parametrize(
     ("uri", "what"),

@@ -113,6 +113,14 @@ def _json_list(name: str, raw: str) -> list[Any]:
     return items
 
 
+def check_request(predictor: str, values: dict[str, Any]) -> None:
+    """The rules between inputs (a custom size needs its width, a mask its image, ...) before setup, as the
+    server applies them after it: the same function, so both fail with the same one line."""
+    from flux_lora.service import VARIANTS, baked_lora_ref, request_for
+
+    request_for(VARIANTS[predictor], baked_lora_ref(Settings.cog_weights(), Settings.from_env()), values)
+
+
 def check_loras(values: dict[str, Any]) -> None:
     """The LoRA references' form, and local files' presence and header, before seconds of setup.
 
@@ -140,6 +148,7 @@ def run_local(predictor: str, values: dict[str, Any], output_dir: Path) -> list[
     except ValueError as exc:
         raise InvalidInput(str(exc)) from None
     check_loras(kwargs)
+    check_request(predictor, kwargs)
     runner = cls()
     runner.setup(weights=Settings.cog_weights())
     runner.service.local_loras = True  # this machine's user, not a remote request: local files are theirs
