@@ -45,14 +45,18 @@ SESSION_SERVER_FILES = ("tests/test_http.py", "tests/test_lora.py", "tests/test_
 
 def pytest_configure(config: pytest.Config) -> None:
     """With pytest-xdist's workers, one torch thread per process: two workers (and the servers they start)
-    on two cores, each spinning two threads, spend a third more CPU on the same tests."""
+    on two cores, each spinning two threads, spend half as much CPU again on the same tests."""
     if getattr(config.option, "numprocesses", None):
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # this run's controller: inherited by workers and servers
 
 
-def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
-    """Whole files to a worker (their module-scoped services, stores and servers are built once), the files
-    of SESSION_SERVER_FILES as one, in the order the workers collected them (see the next hook)."""
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist's: without it (`-p no:xdist`) never called
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """For `-n N` (xdist's default `--dist load`): whole files to a worker (their module-scoped services,
+    stores and servers are built once), the files of SESSION_SERVER_FILES as one, in the order the workers
+    collected them (see the next hook). Another `--dist` asked for is xdist's own."""
+    if config.getvalue("dist") != "load":
+        return None
     from xdist.scheduler import LoadScopeScheduling
 
     class ByFile(LoadScopeScheduling):

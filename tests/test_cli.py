@@ -152,11 +152,11 @@ def test_huge_input_images_are_refused_before_decoding(
      (["mask=@predict.py"], "error: mask: needs an input image"),
      (["image=@predict.py", "prompt_strength=0.01"], "error: prompt_strength: is too low for 28 steps")],
 )
-def test_console_script_refuses_bad_input_in_one_line_before_setup(store_env: Path, inputs: list[str],
-                                                                  error: str) -> None:
+def test_console_script_refuses_bad_input_in_one_line_before_setup(store_env: Path, tmp_path: Path,
+                                                                  inputs: list[str], error: str) -> None:
     """The rules between inputs hold before seconds of setup: the request's own function, as in the server."""
     args = [arg for value in ["prompt=x", *inputs] for arg in ("-i", value)]
-    proc = subprocess.run([sys.executable, "-m", "flux_lora", "predict", *args],
+    proc = subprocess.run([sys.executable, "-m", "flux_lora", "predict", "-o", str(tmp_path), *args],
                           capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith(error), proc.stderr
